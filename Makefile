@@ -1,0 +1,36 @@
+# ctxpred: the two commands of README.md, and the steps they share.
+#   make test   set up whatever is missing, then run the test suite
+#   make demo   set up whatever is missing, then train and evaluate the demo
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: help setup venv caffe data prototxt test demo
+
+help:
+	@echo "make test    set up (Debian packages, .venv, Caffe, photos), run the tests"
+	@echo "make demo    set up, then run the demo"
+	@echo "make setup   only set up"
+	@echo "make prototxt  regenerate prototxt/ from ctxpred's net definitions"
+
+setup: venv caffe data
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	@$(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu run: sudo apt-get install python3-venv python3-dev" >&2; exit 2; }
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+caffe: $(STAMP)
+	@tools/build_caffe.sh --python $(PY) >/dev/null
+
+data: $(STAMP)
+	@$(PY) data/make_collection.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) tools/smoke.py
