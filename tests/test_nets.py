@@ -1,0 +1,166 @@
+"""The generated nets: checked-in prototxt, input pipeline, geometry, factorized head."""
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from ctxpred.nets import (MEAN_RGB, NET_NAMES, NetOptions, data_layer_params, deploy_net,
+                          generated_files, train_net)
+from ctxpred.layers import close_data_layers
+from ctxpred.preprocess import PROJECTION_AXIS, apply_augmentations, crop_patches, draw_augmentations
+from ctxpred.surgery import load_params, net_params, to_factorized_head, to_reference_head
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_checked_in_prototxt_equals_generated():
+    for relative, text in generated_files().items():
+        path = REPO / "prototxt" / relative
+        assert path.exists(), f"{path} missing: run python tools/make_prototxt.py"
+        assert path.read_text() == text, f"{path} is stale: run python tools/make_prototxt.py"
+    checked_in = {p.relative_to(REPO / "prototxt").as_posix()
+                  for p in (REPO / "prototxt").rglob("*.prototxt")}
+    assert checked_in == set(generated_files()), "prototxt/ holds files the code does not generate"
+
+
+def write(tmp_path, proto, name):
+    path = tmp_path / name
+    path.write_text(str(proto))
+    return str(path)
+
+
+def reference_conv1_input(patches, aug, colour):
+    """The reference pipeline in plain numpy/OpenCV, patch by patch (float32)."""
+    a = np.asarray(PROJECTION_AXIS, np.float64)
+    projection = np.eye(3) - np.outer(a, a) / a.dot(a)
+    outputs = []
+    for index, patch in enumerate(patches.astype(np.float32)):
+        side = aug.resample_side[index]
+        if side:
+            small = cv2.resize(patch, (side, side), interpolation=cv2.INTER_LINEAR)
+            patch = cv2.resize(small, (96, 96), interpolation=cv2.INTER_LINEAR)
+        if colour == "color_dropping":
+            kept = aug.kept_channel[index]
+            out = np.empty((96, 96, 3), np.float64)
+            out[..., kept] = patch[..., kept] - patch[..., kept].mean()
+            others = [c for c in range(3) if c != kept]
+            out[..., others] = aug.noise[index].transpose(1, 2, 0)
+        else:
+            out = (patch - np.asarray(MEAN_RGB)) @ projection.T
+        out = out / np.sqrt(np.mean(out ** 2)) * 50
+        outputs.append(out.transpose(2, 0, 1))
+    return np.stack(outputs)
+
+
+@pytest.mark.parametrize("net_name", ["color_dropping", "projection"])
+def test_numbers_reaching_conv1_equal_reference(caffe, tmp_path, net_name):
+    colour = "projection" if net_name == "projection" else "color_dropping"
+    image = skimage.data.astronaut()
+    corners = np.array([[0, 0], [100, 150], [300, 40], [200, 400], [10, 300], [400, 400]])
+    patches = crop_patches(image, corners, 96)
+    rng = np.random.default_rng(4)
+    aug = draw_augmentations(len(patches), rng, resample_probability=0.5, mode=colour)
+    assert 0 < np.count_nonzero(aug.resample_side) < len(patches)
+    loader_output = apply_augmentations(patches, aug, MEAN_RGB)
+
+    net = caffe.Net(write(tmp_path, deploy_net(net_name), "deploy.prototxt"), caffe.TEST)
+    net.blobs["data"].reshape(*loader_output.shape)
+    net.blobs["data"].data[...] = loader_output
+    net.forward(end="conv1")
+    conv1_input = net.blobs["data_normalised"].data
+    expected = reference_conv1_input(patches, aug, colour)
+    np.testing.assert_allclose(conv1_input, expected, rtol=1e-4, atol=2e-3)
+    rms = np.sqrt((conv1_input.reshape(len(patches), -1) ** 2).mean(axis=1))
+    np.testing.assert_allclose(rms, 50, rtol=1e-5)
+    if net_name == "projection":
+        along_a = np.tensordot(np.asarray(PROJECTION_AXIS, np.float32), conv1_input, axes=(0, 1))
+        assert np.abs(along_a).max() < 1e-3
+
+
+@pytest.mark.parametrize("net_name", NET_NAMES)
+def test_deploy_net_geometry_and_names(caffe, tmp_path, net_name):
+    net = caffe.Net(write(tmp_path, deploy_net(net_name), "deploy.prototxt"), caffe.TEST)
+    assert net.blobs["data"].data.shape == (1, 3, 96, 96)
+    assert net.blobs["fc6"].data.shape == (1, 4096)
+    assert "BatchNorm" not in {layer.type for layer in net.layers}
+    pool5_shape = net.blobs["pool5"].data.shape
+    assert pool5_shape == ((1, 512, 3, 3) if net_name == "vgg" else (1, 256, 3, 3))
+    if net_name != "vgg":
+        assert list(net.params) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6"]
+        assert net.blobs["conv1"].data.shape == (1, 96, 24, 24)
+        assert net.blobs["norm1"].data.shape == (1, 96, 12, 12)
+        assert net.blobs["norm2"].data.shape == (1, 256, 6, 6)
+    else:
+        assert len([name for name in net.params if name.startswith("conv")]) == 13
+
+
+def test_train_net_layers_follow_reference_names():
+    proto = train_net("color_dropping", data_layer_params("color_dropping", "unused"))
+    names = [layer.name for layer in proto.layer]
+    for name in ("conv1", "pool1", "norm1", "pool2", "norm2", "conv5", "pool5", "fc6", "fc7",
+                 "fc8", "fc9", "bn3", "bn4", "bn5", "bn6", "bn7", "relu1", "relu8"):
+        assert name in names
+    batchnorms = [layer for layer in proto.layer if layer.type == "BatchNorm"]
+    assert all(p.lr_mult == 0 for layer in batchnorms for p in layer.param)
+    assert "Scale" not in {layer.type for layer in proto.layer if layer.name != "data_normalised"}
+    loss = next(layer for layer in proto.layer if layer.type == "SoftmaxWithLoss")
+    assert loss.loss_param.normalization == loss.loss_param.NONE
+    no_bn = train_net("color_dropping", data_layer_params("color_dropping", "unused"),
+                      NetOptions(batchnorm=False))
+    assert [layer.name for layer in no_bn.layer if layer.type == "BatchNorm"] == ["bn7"]
+
+
+def test_factorized_head_gives_same_loss_and_gradients(caffe, tmp_path, photo_source):
+    params = data_layer_params("color_dropping", photo_source, seed=9, workers=1, max_patches=48)
+    reference = caffe.Net(write(tmp_path, train_net("color_dropping", params), "ref.prototxt"),
+                          caffe.TRAIN)
+    factorized = caffe.Net(write(tmp_path, train_net(
+        "color_dropping", params, NetOptions(factorized_head=True)), "fact.prototxt"), caffe.TRAIN)
+    weights = net_params(reference)
+    load_params(factorized, to_factorized_head(weights))
+    for net in (reference, factorized):
+        net.forward()
+        net.backward()
+    assert len(reference.blobs["label"].data) > 10
+    np.testing.assert_array_equal(reference.blobs["label"].data, factorized.blobs["label"].data)
+    loss = float(reference.blobs["loss"].data)
+    assert float(factorized.blobs["loss"].data) == pytest.approx(loss, rel=1e-4)
+    for name in ("conv1", "conv5", "fc6", "fc8", "fc9"):
+        expected = reference.params[name][0].diff
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(factorized.params[name][0].diff, expected,
+                                   atol=1e-3 * scale, rtol=1e-3)
+    fc7_diff = {name: [blob.diff for blob in factorized.params[name]]
+                for name in ("fc7_first", "fc7_second")}
+    joined_weight_diff, _ = to_reference_head(fc7_diff)["fc7"]
+    expected = reference.params["fc7"][0].diff
+    np.testing.assert_allclose(joined_weight_diff, expected, atol=1e-3 * np.abs(expected).max())
+    # fc7's bias is cancelled by bn7's mean subtraction: its gradient is
+    # rounding noise in both heads, so it is not compared.
+    # And back: the converted weights are the original ones, bit for bit.
+    round_trip = to_reference_head(net_params(factorized))
+    assert all(a.tobytes() == b.tobytes()
+               for a, b in zip(round_trip["fc7"], weights["fc7"]))
+    close_data_layers(reference)
+    close_data_layers(factorized)
+
+
+@pytest.fixture(scope="module")
+def photo_source(tmp_path_factory):
+    from PIL import Image
+    folder = tmp_path_factory.mktemp("net_photos")
+    for name in ("astronaut", "coffee", "rocket"):
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.jpg", quality=95)
+    return str(folder)
+
+
+def test_paper_solver_variant_has_momentum():
+    files = generated_files()
+    assert "momentum: 0\n" in files["color_dropping/solver.prototxt"]
+    assert "momentum: 0.999\n" in files["color_dropping/solver_paper.prototxt"]
+    for text in (files["vgg/solver.prototxt"], files["projection/solver_paper.prototxt"]):
+        assert 'base_lr: 1e-05\nlr_policy: "fixed"' in text and "snapshot: 2000" in text
+        assert "weight_decay: 0\n" in text
