@@ -1,0 +1,133 @@
+"""Train a context-prediction net with a Caffe solver.
+
+Examples:
+  python tools/train.py                                  # color_dropping on data/photos/train
+  python tools/train.py --net vgg --images '/data/imagenet/train/**/*.JPEG' --gpu 0
+  python tools/train.py --paper                          # momentum .999 as in the paper
+
+A run folder (default runs/<net>/) holds train.prototxt, solver.prototxt,
+snapshots model_iter_N.{caffemodel,solverstate}, train.log (tab-separated, one
+line per step) and training.png. Running again resumes from the newest
+snapshot. Ctrl-C, SIGTERM, or a file named 'pause' or 'quit' in the run
+folder stops after the current step with a snapshot (exit 0). Divergence
+(the reference's checks every 100 steps) stops with exit 3, keeping the last
+good snapshot.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
+from ctxpred.nets import NET_NAMES
+from ctxpred.training import (DivergenceError, RunConfig, latest_snapshot, move_aside, train,
+                              write_run_files)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--net", choices=NET_NAMES, default="color_dropping",
+                        help="which net to train (default: %(default)s)")
+    parser.add_argument("--images", default="data/photos/train",
+                        help="training images: a folder (searched recursively), a glob, a "
+                             "Caffe list file or an LMDB of encoded images "
+                             "(default: %(default)s, the default photo collection)")
+    parser.add_argument("--out", help="run folder (default: runs/<net>)")
+    parser.add_argument("--iters", type=int, default=1_700_000,
+                        help="train until this iteration (default: %(default)s, the reference)")
+    parser.add_argument("--minutes", type=float,
+                        help="also stop (with a snapshot) after this many minutes")
+    parser.add_argument("--gpu", type=int, help="CUDA device id (needs a CUDA build of Caffe)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="data sampling seed; a resumed run adds the iteration so it "
+                             "does not replay the same batches (default: %(default)s)")
+    parser.add_argument("--solver", help="solver prototxt to take settings from (its net, "
+                                         "snapshot_prefix and solver_mode are replaced)")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's solver variant: momentum 0.999 (reference: 0)")
+    parser.add_argument("--base-lr", type=float, help="override base_lr (reference: 1e-5)")
+    parser.add_argument("--max-patches", type=int,
+                        help="batch buffer; grid batches hold fewer patches (reference: 512)")
+    parser.add_argument("--mode", choices=("grid", "pairs"), default="grid",
+                        help="pair sampling: the code's grids or the paper's random pairs")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="data loader processes (default: %(default)s)")
+    parser.add_argument("--reference-head", action="store_true",
+                        help="use the reference fc7 on concatenated pairs instead of the "
+                             "equivalent, faster factorized head (snapshots convert with "
+                             "tools/convert_head.py)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: move an existing run folder aside first")
+    parser.add_argument("--plot-every", type=int, default=50,
+                        help="refresh training.png every N steps (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def progress_printer(total, start):
+    """A tqdm bar on a terminal, a line every 10 steps otherwise."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
+
+        def show(row):
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss_per_pair']:.3f}", acc=f"{row['accuracy']:.3f}",
+                            wait=f"{row['data_wait_s']:.2f}s")
+        return show
+
+    def show(row):
+        if row["iter"] % 10 == 0:
+            print(f"iter {row['iter']}: loss/pair {row['loss_per_pair']:.4f} "
+                  f"acc {row['accuracy']:.3f} step {row['step_s']:.2f}s "
+                  f"wait {row['data_wait_s']:.2f}s", flush=True)
+    return show
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out or f"runs/{args.net}")
+    try:
+        caffe = load_caffe(gpu=args.gpu)
+    except CaffeNotAvailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.fresh and out.exists():
+        print(f"moved the previous run to {move_aside(out)}")
+    resume = latest_snapshot(out)
+    overrides = {}
+    if args.paper:
+        overrides["momentum"] = 0.999
+    if args.base_lr is not None:
+        overrides["base_lr"] = args.base_lr
+    overrides["solver_mode"] = "GPU" if args.gpu is not None else "CPU"
+    data = {"mode": args.mode}
+    if args.max_patches:
+        data["max_patches"] = args.max_patches
+    config = RunConfig(net=args.net, images=args.images,
+                       seed=args.seed + (resume[0] if resume else 0), workers=args.workers,
+                       factorized_head=not args.reference_head, data=tuple(data.items()),
+                       solver_overrides=tuple(overrides.items()))
+    if args.solver and not Path(args.solver).is_file():
+        print(f"error: solver file {args.solver} does not exist", file=sys.stderr)
+        return 2
+    solver_path = write_run_files(out, config, args.solver)
+    print(f"run folder {out}: {args.net}, images {args.images}, "
+          f"{'resuming' if resume else 'starting'} at iteration {resume[0] if resume else 0}")
+    try:
+        result = train(caffe, solver_path, out, args.iters,
+                       time_budget_s=args.minutes * 60 if args.minutes else None,
+                       plot_every=args.plot_every,
+                       progress=progress_printer(args.iters, resume[0] if resume else 0))
+    except DivergenceError as error:
+        print(f"\nerror: training diverged: {error}", file=sys.stderr)
+        return 3
+    except (ValueError, RuntimeError) as error:  # no usable image, a failed loader
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 2
+    print(f"\nstopped at iteration {result['iter']} ({result['reason']}) after "
+          f"{result['seconds']:.0f} s; snapshot {result['snapshot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
