@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage.data
-from PIL import Image
 
 from ctxpred.batching import BatchAssembler, PatchPairConfig
 from ctxpred.images import open_source
@@ -20,14 +18,6 @@ from ctxpred.prefetch import BatchPrefetcher
 from ctxpred.sampling import OFFSETS
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def photo_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    for name in ("astronaut", "coffee", "rocket", "chelsea"):
-        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.jpg", quality=95)
-    return folder
 
 
 def data_layer_net(caffe, tmp_path, params):

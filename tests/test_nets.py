@@ -113,8 +113,8 @@ def test_train_net_layers_follow_reference_names():
     assert [layer.name for layer in no_bn.layer if layer.type == "BatchNorm"] == ["bn7"]
 
 
-def test_factorized_head_gives_same_loss_and_gradients(caffe, tmp_path, photo_source):
-    params = data_layer_params("color_dropping", photo_source, seed=9, workers=1, max_patches=48)
+def test_factorized_head_gives_same_loss_and_gradients(caffe, tmp_path, photo_folder):
+    params = data_layer_params("color_dropping", str(photo_folder), seed=9, workers=1, max_patches=48)
     reference = caffe.Net(write(tmp_path, train_net("color_dropping", params), "ref.prototxt"),
                           caffe.TRAIN)
     factorized = caffe.Net(write(tmp_path, train_net(
@@ -148,15 +148,6 @@ def test_factorized_head_gives_same_loss_and_gradients(caffe, tmp_path, photo_so
     close_data_layers(factorized)
 
 
-@pytest.fixture(scope="module")
-def photo_source(tmp_path_factory):
-    from PIL import Image
-    folder = tmp_path_factory.mktemp("net_photos")
-    for name in ("astronaut", "coffee", "rocket"):
-        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.jpg", quality=95)
-    return str(folder)
-
-
 def test_paper_solver_variant_has_momentum():
     files = generated_files()
     assert "momentum: 0\n" in files["color_dropping/solver.prototxt"]
@@ -164,3 +155,39 @@ def test_paper_solver_variant_has_momentum():
     for text in (files["vgg/solver.prototxt"], files["projection/solver_paper.prototxt"]):
         assert 'base_lr: 1e-05\nlr_policy: "fixed"' in text and "snapshot: 2000" in text
         assert "weight_decay: 0\n" in text
+
+
+def test_convert_head_tool_round_trips_snapshots(caffe, tmp_path, photo_folder):
+    """A factorized snapshot converted to the reference layout loads into the
+    reference net and gives the same loss on the same batch."""
+    import subprocess
+    import sys
+    params = data_layer_params("color_dropping", str(photo_folder), seed=2, workers=1,
+                               max_patches=40)
+    factorized = caffe.Net(write(tmp_path, train_net(
+        "color_dropping", params, NetOptions(factorized_head=True)), "fact.prototxt"), caffe.TRAIN)
+    factorized.forward()  # fills BatchNorm statistics, saved with the weights
+    factorized.save(str(tmp_path / "fact.caffemodel"))
+    tool = [sys.executable, str(REPO / "tools" / "convert_head.py")]
+    for source, target in (("fact.caffemodel", "ref.caffemodel.h5"),
+                           ("ref.caffemodel.h5", "back.caffemodel")):
+        result = subprocess.run([*tool, str(tmp_path / source), str(tmp_path / target)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    reference = caffe.Net(write(tmp_path, train_net("color_dropping", params), "ref.prototxt"),
+                          caffe.TRAIN, weights=str(tmp_path / "ref.caffemodel.h5"))
+    again = caffe.Net(str(tmp_path / "fact.prototxt"), caffe.TRAIN,
+                      weights=str(tmp_path / "back.caffemodel"))
+    for name in factorized.params:
+        for original, restored in zip(factorized.params[name], again.params[name]):
+            assert original.data.tobytes() == restored.data.tobytes()
+    losses = []
+    for net in (reference, again):
+        net.forward()
+        losses.append(float(net.blobs["loss"].data))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for net in (factorized, reference, again):
+        close_data_layers(net)
+    bad = subprocess.run([*tool, str(tmp_path / "missing.caffemodel"), str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing.caffemodel does not exist" in bad.stderr

@@ -1,0 +1,136 @@
+"""The training loop and tools/train.py on the real AlexNet-style net (small batches)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctxpred.training import (DivergenceError, DivergenceWatch, RunConfig, latest_snapshot,
+                              read_log, train, write_run_files)
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = (("max_patches", 40),)
+
+
+def small_run(tmp_path, photo_folder, **overrides):
+    config = RunConfig(images=str(photo_folder), workers=1, data=SMALL, **overrides)
+    run_dir = tmp_path / "run"
+    return run_dir, write_run_files(run_dir, config)
+
+
+def test_run_files_use_reference_solver_and_overrides(tmp_path, photo_folder):
+    run_dir, solver = small_run(tmp_path, photo_folder,
+                                solver_overrides=(("momentum", 0.999), ("base_lr", 2e-5)))
+    text = solver.read_text()
+    assert "momentum: 0.999\n" in text and "base_lr: 2e-05\n" in text
+    assert "weight_decay: 0\n" in text and 'lr_policy: "fixed"' in text
+    assert f'snapshot_prefix: "{run_dir.resolve()}/model"' in text
+    train_text = (run_dir / "train.prototxt").read_text()
+    assert str(photo_folder) in train_text and '\\"max_patches\\": 40' in train_text
+
+
+def test_train_snapshot_log_plot_then_resume(caffe, tmp_path, photo_folder):
+    run_dir, solver = small_run(tmp_path, photo_folder)
+    first = train(caffe, solver, run_dir, max_iter=3, log=lambda *_: None)
+    assert first["iter"] == 3 and first["reason"] == "max_iter"
+    assert latest_snapshot(run_dir)[0] == 3
+    assert (run_dir / "model_iter_3.caffemodel").exists()
+    assert (run_dir / "training.png").stat().st_size > 1000
+    log = read_log(run_dir / "train.log")
+    np.testing.assert_array_equal(log["iter"], [1, 2, 3])
+    assert np.all(log["loss_per_pair"] > 0) and np.all(log["pairs"] > log["patches"])
+
+    messages = []
+    second = train(caffe, solver, run_dir, max_iter=5, log=messages.append)
+    assert any("resuming from" in m and "model_iter_3.solverstate" in m for m in messages)
+    assert second["iter"] == 5
+    np.testing.assert_array_equal(read_log(run_dir / "train.log")["iter"], [1, 2, 3, 4, 5])
+
+
+def test_pause_file_stops_after_current_step(caffe, tmp_path, photo_folder):
+    run_dir, solver = small_run(tmp_path, photo_folder)
+
+    def pause_at_two(row):
+        if row["iter"] == 2:
+            (run_dir / "pause").touch()
+
+    result = train(caffe, solver, run_dir, max_iter=50, progress=pause_at_two,
+                   log=lambda *_: None)
+    assert result["iter"] == 2 and result["reason"] == "'pause' file"
+    assert latest_snapshot(run_dir)[0] == 2
+
+
+def test_divergence_watch_detects_jump_and_nan(caffe, tmp_path):
+    n = caffe.NetSpec()
+    n.data = caffe.layers.Input(shape=dict(dim=[2, 3, 8, 8]))
+    n.conv1 = caffe.layers.Convolution(n.data, num_output=2, kernel_size=3)
+    n.pool1 = caffe.layers.Pooling(n.conv1, kernel_size=2, stride=2)
+    n.fc8 = caffe.layers.InnerProduct(n.pool1, num_output=4)
+    (tmp_path / "net.prototxt").write_text(str(n.to_proto()))
+    net = caffe.Net(str(tmp_path / "net.prototxt"), caffe.TRAIN)
+    watch = DivergenceWatch(net, every=1)
+    for step, delta in enumerate((1.0, 1.5), start=1):
+        net.params["fc8"][0].data[...] += delta
+        watch.check(step)
+    net.params["fc8"][0].data[...] += 40.0  # 27x the previous change
+    with pytest.raises(DivergenceError, match="update of fc8 jumped"):
+        watch.check(3)
+    net.params["fc8"][0].data[0, 0] = np.nan
+    with pytest.raises(DivergenceError, match="sum of fc8 weights"):
+        watch.check(4)
+    net.blobs["pool1"].diff[0, 0, 0, 0] = 1e9
+    with pytest.raises(DivergenceError, match="pool1 diff"):
+        watch.check(5)
+
+
+def run_tool(*args, **kwargs):
+    return subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, **kwargs)
+
+
+def test_tool_help_and_gpu_on_cpu_build(tmp_path):
+    help_text = run_tool("--help").stdout
+    for flag in ("--net", "--images", "--out", "--iters", "--gpu", "--seed", "--solver",
+                 "--paper", "--fresh", "--reference-head", "--minutes"):
+        assert flag in help_text
+    result = run_tool("--gpu", "0", "--out", str(tmp_path / "gpu"))
+    assert result.returncode == 2 and "CPU-only build" in result.stderr
+
+
+def test_tool_sigterm_snapshots_and_exits_zero(tmp_path, photo_folder):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "tools" / "train.py"), "--images", str(photo_folder),
+         "--out", str(out), "--max-patches", "40", "--workers", "1", "--iters", "1000"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "train.log").exists():
+        time.sleep(0.2)
+    assert (out / "train.log").exists()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "SIGTERM" in stdout
+    steps = len(read_log(out / "train.log")["iter"])
+    assert latest_snapshot(out)[0] == steps
+
+    fresh = run_tool("--images", str(photo_folder), "--out", str(out), "--max-patches", "40",
+                     "--workers", "1", "--iters", str(steps + 1), "--fresh")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "moved the previous run" in fresh.stdout
+    assert latest_snapshot(out)[0] == steps + 1 and len(list(tmp_path.glob("run.old-*"))) == 1
+
+
+def test_plain_caffe_binary_trains_the_run_prototxt(tmp_path, photo_folder):
+    run_dir, solver = small_run(tmp_path, photo_folder, solver_overrides=(("max_iter", 2),))
+    caffe_tool = Path(sys.executable).parent / "caffe"
+    result = subprocess.run([str(caffe_tool), "train", "-solver", str(solver)],
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, GLOG_minloglevel="0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Optimization Done" in result.stderr
+    assert (run_dir / "model_iter_2.caffemodel").exists()
