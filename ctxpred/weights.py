@@ -29,10 +29,14 @@ def is_hdf5(path):
 
 
 def read_weights(path):
-    """{layer: [float32 arrays]} from a binary or HDF5 caffemodel."""
+    """{layer: [float32 arrays]} from a binary or HDF5 caffemodel.
+
+    Layers without parameters are left out. Raises FileNotFoundError naming a
+    missing file and WeightFileError naming one that is not a Caffe model.
+    """
     path = Path(path)
     if not path.is_file():
-        raise WeightFileError(f"weight file {path} does not exist")
+        raise FileNotFoundError(f"weight file {path} does not exist")
     if is_hdf5(path):
         return _read_hdf5(path)
     return _read_binary(path)
@@ -44,14 +48,20 @@ def _read_hdf5(path):
         if "data" not in handle:
             raise WeightFileError(f"{path} is HDF5 but has no /data group: not a Caffe model")
         for name, group in handle["data"].items():
-            weights[name] = [np.asarray(group[str(i)], dtype=np.float32)
-                             for i in range(len(group))]
+            if len(group):  # Caffe writes an empty group for layers without blobs
+                weights[name] = [np.asarray(group[str(i)], dtype=np.float32)
+                                 for i in range(len(group))]
     return weights
 
 
 def _blob_array(blob):
-    shape = tuple(blob.shape.dim) if blob.HasField("shape") else tuple(
-        d for d in (blob.num, blob.channels, blob.height, blob.width))
+    if blob.HasField("shape"):
+        shape = tuple(blob.shape.dim)
+    else:
+        # Legacy (num, channels, height, width): Caffe pads lower-rank blobs with leading 1s.
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+        while len(shape) > 1 and shape[0] == 1:
+            shape = shape[1:]
     values = blob.data if len(blob.data) else blob.double_data
     array = np.asarray(values, dtype=np.float32)
     if array.size != int(np.prod(shape)):
@@ -89,13 +99,32 @@ def write_weights(weights, path):
                     group.create_dataset(str(index), data=np.asarray(array, np.float32))
         return path
     caffe_pb2 = import_caffe().proto.caffe_pb2
-    net = caffe_pb2.NetParameter()
-    for name, arrays in weights.items():
-        layer = net.layer.add()
-        layer.name = name
-        for array in arrays:
-            blob = layer.blobs.add()
-            blob.shape.dim.extend(np.shape(array))
-            blob.data.extend(np.asarray(array, np.float32).ravel())
-    path.write_bytes(net.SerializeToString())
+    with open(path, "wb") as handle:
+        for name, arrays in weights.items():
+            layer = caffe_pb2.LayerParameter(name=name).SerializeToString()
+            for array in arrays:
+                array = np.ascontiguousarray(array, dtype="<f4")
+                shape = caffe_pb2.BlobProto(shape=dict(dim=array.shape)).SerializeToString()
+                layer += _field(_BLOBS, shape + _field(_BLOB_DATA, array.tobytes()))
+            handle.write(_field(_NET_LAYER, layer))
     return path
+
+
+# Field numbers of caffe.proto used by the hand-encoded writer: protobuf's
+# Python API takes seconds to copy the ~40M floats of fc7 value by value, so
+# the packed float data is written as raw bytes.
+_NET_LAYER, _BLOBS, _BLOB_DATA = 100, 7, 5
+
+
+def _varint(value):
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number, payload):
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload

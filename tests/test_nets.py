@@ -1,5 +1,4 @@
 """The generated nets: checked-in prototxt, input pipeline, geometry, factorized head."""
-import json
 from pathlib import Path
 
 import cv2

@@ -26,7 +26,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         weights = read_weights(args.weights)
-    except WeightFileError as error:
+    except (FileNotFoundError, WeightFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     source = "factorized" if FIRST in weights else "reference" if "fc7" in weights else None
