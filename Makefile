@@ -29,8 +29,11 @@ caffe: $(STAMP)
 data: $(STAMP)
 	@$(PY) data/make_collection.py
 
+prototxt: $(STAMP)
+	$(PY) tools/make_prototxt.py
+
 test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) tools/smoke.py
+	$(PY) tools/demo.py

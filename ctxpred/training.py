@@ -90,7 +90,8 @@ def write_run_files(run_dir, config, solver_template=None):
                 f"solver_mode: CPU\n{text}")
     else:
         text = solver_text(net_path, f"{run_dir}/model")
-    for key, value in config.solver_overrides:
+    # Caffe's own seed fixes the filler initialisation of a fresh run.
+    for key, value in (("random_seed", config.seed),) + tuple(config.solver_overrides):
         text, count = re.subn(rf"^{key}:.*$", f"{key}: {value}", text, flags=re.M)
         if not count:
             text += f"{key}: {value}\n"
@@ -169,6 +170,34 @@ class DivergenceWatch:
                     f"iteration {iteration}: update of {name} jumped to {change[name]:.4g} "
                     f"(previous {previous if previous is None else format(previous, '.4g')})")
         self._last_weights, self._last_change = weights, change
+
+
+def recompute_batchnorm_statistics(caffe, train_prototxt, weights, out, batches=10):
+    """Write ``weights`` to ``out`` with BatchNorm statistics re-estimated.
+
+    Caffe's TEST-phase BatchNorm uses running averages gathered while the
+    weights were changing; after a short training run they lag behind the
+    final weights. This zeroes them and averages ``batches`` TRAIN-phase
+    forward passes of ``train_prototxt`` (its own data layer) under the
+    final weights, without any update.
+    """
+    from ctxpred.surgery import load_params
+    from ctxpred.weights import read_weights
+
+    net = caffe.Net(str(train_prototxt), caffe.TRAIN)
+    try:
+        load_params(net, read_weights(weights))
+        batchnorms = [name for name, layer in zip(net._layer_names, net.layers)
+                      if layer.type == "BatchNorm"]
+        for name in batchnorms:
+            for blob in net.params[name]:
+                blob.data[...] = 0
+        for _ in range(batches):
+            net.forward()
+        net.save(str(out))
+    finally:
+        close_data_layers(net)
+    return out
 
 
 def _data_layer(net):

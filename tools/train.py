@@ -46,6 +46,8 @@ def parse_args(argv):
     parser.add_argument("--paper", action="store_true",
                         help="the paper's solver variant: momentum 0.999 (reference: 0)")
     parser.add_argument("--base-lr", type=float, help="override base_lr (reference: 1e-5)")
+    parser.add_argument("--momentum", type=float,
+                        help="override momentum (reference: 0; --paper: 0.999)")
     parser.add_argument("--max-patches", type=int,
                         help="batch buffer; grid batches hold fewer patches (reference: 512)")
     parser.add_argument("--mode", choices=("grid", "pairs"), default="grid",
@@ -97,6 +99,8 @@ def main(argv=None):
     overrides = {}
     if args.paper:
         overrides["momentum"] = 0.999
+    if args.momentum is not None:
+        overrides["momentum"] = args.momentum
     if args.base_lr is not None:
         overrides["base_lr"] = args.base_lr
     overrides["solver_mode"] = "GPU" if args.gpu is not None else "CPU"

@@ -1,0 +1,29 @@
+"""tools/demo.py end to end, on a tiny budget."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_trains_evaluates_and_reports(tmp_path, photo_folder):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "old.txt").write_text("a previous demo")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "demo.py"), "--out", str(out),
+         "--images", str(photo_folder), "--heldout", str(photo_folder), "--minutes", "0.2",
+         "--max-patches", "40", "--eval-images", "2", "--pairs-per-image", "8"],
+        capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.glob("demo.old-*/old.txt")), "the previous demo must be kept aside"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] >= 1
+    for name in ("initial", "trained"):
+        assert summary[name]["pairs"] == 16
+        assert 0 <= summary[name]["low"] <= summary[name]["accuracy"] <= summary[name]["high"] <= 1
+        assert (out / f"confusion_{name}.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "| trained |" in report and "| at initialisation |" in report
+    assert "training.png" in report and (out / "training.png").exists()
