@@ -249,7 +249,8 @@ def _check_name(net_name):
 
 def generated_files(default_source="data/photos/train"):
     """Every checked-in prototxt under prototxt/, as {relative path: text}."""
-    files = {}
+    from ctxpred import detection_nets
+    files = detection_nets.generated_files()
     for name in NET_NAMES:
         params = data_layer_params(name, default_source)
         files[f"{name}/train.prototxt"] = str(train_net(name, params))

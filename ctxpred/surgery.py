@@ -1,10 +1,33 @@
-"""Weight surgery between nets: copy by layer name, and the two fc7 layouts.
+"""Weight surgery between nets, over weights as {layer name: [arrays]}.
 
-The reference pair head has one ``fc7`` on concatenated pair features,
-weights W (4096 x 8192) = [A | B] and bias b. The factorized head has
-``fc7_first`` (A, no bias) and ``fc7_second`` (B, b), applied per patch.
+- Copy by layer name, with a report of every layer or shape that differs
+  (:func:`compare_shapes`, :func:`load_params`).
+- The two fc7 layouts. The reference pair head has one ``fc7`` on
+  concatenated pair features, weights W (4096 x 8192) = [A | B] and bias b.
+  The factorized head has ``fc7_first`` (A, no bias) and ``fc7_second``
+  (B, b), applied per patch.
+- Deployment: fold BatchNorm into the conv / fc layer before it
+  (:func:`fold_batchnorm`), turn grouped convolutions into groupless ones
+  with block-diagonal weights (:func:`groupless_weights`), drop a layer and
+  all after it (:func:`drop_layers_from`, the "no fc6" models).
+
+The layer graph comes from a Caffe NetParameter (:func:`read_net_param`),
+so the functions work for any layer names.
 """
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+from google.protobuf import text_format
+from google.protobuf.message import Message
+
+from ctxpred.caffe_env import import_caffe, load_caffe
 
 FIRST, SECOND = "fc7_first", "fc7_second"
 
@@ -32,26 +55,301 @@ def to_reference_head(params):
     return params
 
 
+def param_shapes(net):
+    """{layer: [blob shape tuples]} of a pycaffe Net's parameters."""
+    return {name: [blob.data.shape for blob in blobs] for name, blobs in net.params.items()}
+
+
+def read_net_param(path):
+    """The caffe_pb2.NetParameter of a prototxt file (protobuf text format).
+
+    Raises FileNotFoundError naming a missing file, and ValueError naming a
+    file that is not a net definition (not text, a syntax error, no layers,
+    or the V1 ``layers`` format that Caffe upgrades on load).
+    """
+    caffe_pb2 = import_caffe().proto.caffe_pb2
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"net definition {path} does not exist")
+    net_param = caffe_pb2.NetParameter()
+    try:
+        text_format.Merge(path.read_text(encoding="utf-8"), net_param)
+    except (text_format.ParseError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a Caffe net definition (prototxt): {error}") from None
+    if not net_param.layer:
+        old = (" in the V1 format ('layers'); convert it with Caffe's upgrade_net_proto_text"
+               if net_param.layers else "")
+        raise ValueError(f"{path} defines no layers{old}")
+    return net_param
+
+
+def net_param_shapes(net_param, source=None):
+    """{layer: [blob shape tuples]} of the parameters of the net ``net_param`` defines.
+
+    Caffe builds the net in a child process, in the TEST phase (layers
+    restricted to TRAIN are not seen) on the CPU, with every weight / bias
+    filler cleared so that the blobs are zeros and even VGG16 builds in about
+    a second. A net Caffe cannot build (an unknown layer type, a data layer
+    whose source is missing, impossible geometry) would abort the process
+    that builds it; here it raises ValueError naming the net and quoting
+    Caffe's reason (and ``source``, the prototxt's file name, when given).
+    Relative paths in data layers resolve from the current folder; a
+    PatchPairData layer needs its source.
+    """
+    without_fillers = type(net_param)()
+    without_fillers.CopyFrom(net_param)
+    for layer in without_fillers.layer:
+        for _, value in layer.ListFields():
+            if isinstance(value, Message):  # a layer's *_param
+                for name in ("weight_filler", "bias_filler"):
+                    if name in value.DESCRIPTOR.fields_by_name:
+                        value.ClearField(name)
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, GLOG_minloglevel="2",
+               PYTHONPATH=os.pathsep.join(filter(None, [package_root,
+                                                        os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "net.prototxt")
+        path.write_text(str(without_fillers), encoding="utf-8")
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys; from ctxpred.surgery import "
+             "_print_param_shapes; _print_param_shapes(sys.argv[1])", str(path)],
+            capture_output=True, text=True, env=env)
+    if child.returncode != 0 or not child.stdout.strip():
+        what = source or f"the net {net_param.name!r}"
+        raise ValueError(f"Caffe cannot build {what}: {_caffe_failure(child.stderr)}")
+    shapes = json.loads(child.stdout.strip().splitlines()[-1])
+    return {name: [tuple(shape) for shape in blobs] for name, blobs in shapes.items()}
+
+
+def _print_param_shapes(prototxt):
+    """Child process of :func:`net_param_shapes`: build the net, print its shapes as JSON."""
+    caffe = load_caffe()
+    from ctxpred.layers import close_data_layers  # imports pycaffe's Layer at module level
+    net = caffe.Net(prototxt, caffe.TEST)
+    close_data_layers(net)
+    print(json.dumps(param_shapes(net)))
+
+
+_GLOG_FATAL = re.compile(r"F\d+ \S+ +\d+ \S+\] (.*)")  # glog: F<date> <time> <tid> <file>] msg
+
+
+def _caffe_failure(stderr):
+    """Why a Caffe process failed: glog's fatal message, else the last line (Python's error)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    fatal = [match.group(1) for match in map(_GLOG_FATAL.match, lines) if match]
+    reason = fatal[0] if fatal else lines[-1] if lines else "no message"
+    return reason if len(reason) <= 300 else reason[:300] + "..."
+
+
+def _format_shapes(shapes):
+    return ", ".join("x".join(str(size) for size in shape) for shape in shapes) or "no blobs"
+
+
+@dataclass(frozen=True)
+class ShapeReport:
+    """How weights {layer: [arrays]} fit a net's parameter shapes.
+
+    missing: layers of the net the weights lack (Caffe leaves them at their
+    fillers). unused: layers of the weights the net does not have (Caffe
+    ignores them). different: {layer: (net's shapes, weights' shapes)}, which
+    Caffe refuses to load (it aborts the process).
+    """
+
+    missing: tuple
+    unused: tuple
+    different: dict
+
+    @property
+    def exact(self):
+        """True when the weights hold exactly the net's layers with its shapes."""
+        return not (self.missing or self.unused or self.different)
+
+    def lines(self):
+        """The differences in plain words, one per line."""
+        lines = []
+        if self.missing:
+            lines.append(f"the net has {', '.join(self.missing)} without weights")
+        if self.unused:
+            lines.append(f"the weights have {', '.join(self.unused)} without a layer in the net")
+        for name, (net_shapes, weight_shapes) in self.different.items():
+            lines.append(f"layer {name}: the net's blobs have shapes {_format_shapes(net_shapes)}, "
+                         f"the weights {_format_shapes(weight_shapes)}")
+        return lines
+
+
+def compare_shapes(net_shapes, weights):
+    """A :class:`ShapeReport` of weights {layer: [arrays]} against {layer: [shapes]}."""
+    different = {}
+    for name in net_shapes:
+        if name in weights:
+            shapes = [tuple(shape) for shape in net_shapes[name]]
+            given = [array.shape for array in weights[name]]
+            if shapes != given:
+                different[name] = (shapes, given)
+    return ShapeReport(missing=tuple(name for name in net_shapes if name not in weights),
+                       unused=tuple(name for name in weights if name not in net_shapes),
+                       different=different)
+
+
 def load_params(net, params, strict=True):
     """Copy {layer: [arrays]} into a pycaffe Net by layer name.
 
-    With ``strict``, a layer of either side missing on the other, or a shape
-    difference, raises ValueError naming the layers; otherwise only the
+    Checks every layer before copying anything. A shape difference raises
+    ValueError naming each such layer and both shapes; with ``strict``, so
+    does a layer of either side missing on the other; otherwise only the
     layers both have are copied. Returns the names copied.
     """
-    missing = sorted(set(net.params) - set(params))
-    unused = sorted(set(params) - set(net.params))
-    if strict and (missing or unused):
-        raise ValueError(f"parameter layers differ: the net has {missing} without weights, "
-                         f"the weights have {unused} without a layer")
-    copied = []
-    for name in sorted(set(net.params) & set(params)):
-        blobs, arrays = net.params[name], params[name]
-        shapes = [blob.data.shape for blob in blobs], [array.shape for array in arrays]
-        if shapes[0] != shapes[1]:
-            raise ValueError(f"layer {name}: the net's blobs have shapes {shapes[0]}, "
-                             f"the weights {shapes[1]}")
-        for blob, array in zip(blobs, arrays):
+    report = compare_shapes(param_shapes(net), params)
+    if report.different or (strict and not report.exact):
+        raise ValueError("; ".join(report.lines()))
+    copied = [name for name in net.params if name in params]
+    for name in copied:
+        for blob, array in zip(net.params[name], params[name]):
             blob.data[...] = array
-        copied.append(name)
     return copied
+
+
+_FOLDABLE = ("Convolution", "InnerProduct")
+
+
+def batchnorm_pairs(net_param):
+    """(layer, BatchNorm layer) LayerParameter pairs that :func:`fold_batchnorm` folds.
+
+    A BatchNorm folds into the Convolution or InnerProduct whose output it
+    normalises when no other layer reads that output, and when the layer is
+    not downstream of a BatchReindex: layers that see pairs (fc7 after the
+    pair fusion) keep their BatchNorm, as in the authors' code.
+    """
+    layers = net_param.layer
+    writer = {}  # blob name -> index of the layer that wrote its current value
+    readers = {}  # (blob name, writer index) -> number of layers reading that value
+    pair_blobs = set()  # blobs downstream of a BatchReindex
+    candidates = []
+    for index, layer in enumerate(layers):
+        for bottom in layer.bottom:
+            value = (bottom, writer.get(bottom))
+            readers[value] = readers.get(value, 0) + 1
+        if layer.type == "BatchNorm" and len(layer.bottom) == 1:
+            bottom = layer.bottom[0]
+            source = writer.get(bottom)
+            if (source is not None and layers[source].type in _FOLDABLE
+                    and bottom not in pair_blobs):
+                candidates.append((source, index, (bottom, source)))
+        if layer.type == "BatchReindex" or pair_blobs.intersection(layer.bottom):
+            pair_blobs.update(layer.top)
+        for top in layer.top:
+            writer[top] = index
+    return [(layers[source], layers[index]) for source, index, value in candidates
+            if readers[value] == 1]
+
+
+def fold_batchnorm(weights, net_param):
+    """Fold BatchNorm layers into the conv / fc layers before them (new dict).
+
+    For each pair of :func:`batchnorm_pairs`, with the BatchNorm blobs mean
+    (C,), var (C,) and scale factor s (1,) and eps from its batch_norm_param:
+    std = sqrt(var / s + eps); W <- W / std per output channel (W's first
+    axis, C); b <- b / std - (mean / s) / std (b = 0 when the layer has no
+    bias; the folded layer always has one). The BatchNorm's weights are
+    dropped; other layers are kept as they are, and pairs the weights lack
+    altogether are skipped (a "no fc6" model has neither fc6 nor bn6). The
+    folded layer then computes in every phase what the pair computed in the
+    TEST phase.
+
+    Raises ValueError naming the layers when the weights hold only one layer
+    of a pair, when a BatchNorm never accumulated statistics (s = 0), or when
+    its channel count differs from the layer's outputs.
+    """
+    folded = dict(weights)
+    for layer, batchnorm in batchnorm_pairs(net_param):
+        absent = [name for name in (layer.name, batchnorm.name) if name not in weights]
+        if len(absent) == 2:
+            continue
+        if absent:
+            raise ValueError(f"the weights have no {absent[0]}, needed to fold "
+                             f"{batchnorm.name} into {layer.name}")
+        folded[layer.name] = _fold_pair(layer, weights[layer.name], batchnorm,
+                                        weights[batchnorm.name])
+        del folded[batchnorm.name]
+    return folded
+
+
+def _fold_pair(layer, arrays, batchnorm, statistics):
+    """[W, b] of ``layer`` with ``batchnorm`` folded in (float32)."""
+    if len(statistics) != 3:
+        raise ValueError(f"BatchNorm layer {batchnorm.name} has {len(statistics)} blobs, "
+                         "not 3 (mean, variance, scale factor)")
+    mean, variance, factor = (np.asarray(blob, np.float64).ravel() for blob in statistics)
+    if factor[0] == 0:
+        raise ValueError(f"BatchNorm layer {batchnorm.name} holds no statistics (scale factor "
+                         "0): the net was saved before any TRAIN forward pass")
+    if layer.type == "InnerProduct" and layer.inner_product_param.transpose:
+        raise ValueError(f"layer {layer.name}: transposed InnerProduct weights do not fold")
+    weight = np.asarray(arrays[0], np.float64)
+    if not weight.shape[0] == mean.size == variance.size:
+        raise ValueError(f"BatchNorm layer {batchnorm.name} has statistics of {mean.size} and "
+                         f"{variance.size} channels, but layer {layer.name} has "
+                         f"{weight.shape[0]} outputs (weights {_format_shapes([weight.shape])})")
+    bias = np.asarray(arrays[1], np.float64) if len(arrays) > 1 else np.zeros(mean.size)
+    std = np.sqrt(variance / factor[0] + batchnorm.batch_norm_param.eps)
+    weight = weight / std.reshape(-1, *[1] * (weight.ndim - 1))
+    bias = (bias - mean / factor[0]) / std
+    return [weight.astype(np.float32), bias.astype(np.float32)]
+
+
+def groupless_net(net_param):
+    """A copy of a NetParameter with every Convolution's ``group`` removed (group 1)."""
+    groupless = type(net_param)()
+    groupless.CopyFrom(net_param)
+    for layer in groupless.layer:
+        if layer.type == "Convolution":
+            layer.convolution_param.ClearField("group")
+    return groupless
+
+
+def groupless_weights(weights, net_param):
+    """Weights for :func:`groupless_net` computing what grouped weights compute (new dict).
+
+    For a Convolution with G groups and weights (Cout, Cin/G, kh, kw): zeros
+    (Cout, Cin, kh, kw) with block g = W[g*Cout/G:(g+1)*Cout/G] at outputs
+    g*Cout/G:(g+1)*Cout/G, inputs g*Cin/G:(g+1)*Cin/G. Biases and all other
+    layers are kept; grouped layers the weights lack are skipped. Raises
+    ValueError naming a layer whose output count G does not divide.
+    """
+    converted = dict(weights)
+    for layer in net_param.layer:
+        groups = layer.convolution_param.group
+        if layer.type != "Convolution" or groups == 1 or layer.name not in weights:
+            continue
+        weight, *rest = weights[layer.name]
+        if weight.ndim < 3 or weight.shape[0] % groups:
+            raise ValueError(f"layer {layer.name}: weights of shape "
+                             f"{_format_shapes([weight.shape])} do not split into {groups} groups")
+        outputs, inputs = weight.shape[:2]
+        step = outputs // groups
+        full = np.zeros((outputs, inputs * groups, *weight.shape[2:]), weight.dtype)
+        for group in range(groups):
+            rows = slice(group * step, (group + 1) * step)
+            full[rows, group * inputs:(group + 1) * inputs] = weight[rows]
+        converted[layer.name] = [full, *rest]
+    return converted
+
+
+def drop_layers_from(weights, first_layer, net_param=None):
+    """The weights without ``first_layer`` and every layer after it (new dict).
+
+    "After" is the order of ``net_param``'s layers, or without it the order
+    of ``weights`` (a binary caffemodel keeps the net's order; an HDF5 one
+    does not). Raises ValueError when ``first_layer`` is not there, or when
+    the weights hold layers the net definition lacks.
+    """
+    order = [layer.name for layer in net_param.layer] if net_param is not None else list(weights)
+    if first_layer not in order:
+        where = "the net definition" if net_param is not None else "the weights"
+        raise ValueError(f"layer {first_layer} is not in {where}")
+    unknown = [name for name in weights if name not in order]
+    if unknown:
+        raise ValueError(f"the weights have {', '.join(unknown)}, which the net definition lacks")
+    dropped = set(order[order.index(first_layer):])
+    return {name: arrays for name, arrays in weights.items() if name not in dropped}

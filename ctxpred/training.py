@@ -257,7 +257,7 @@ def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_every=
         if (run_dir / name).exists():
             (run_dir / name).unlink()
             log(f"removed the '{name}' file left by the previous session")
-    solver = caffe.SGDSolver(str(solver_path))
+    solver = caffe.get_solver(str(solver_path))
     resume = latest_snapshot(run_dir)
     if resume:
         solver.restore(str(resume[1]))

@@ -53,7 +53,7 @@ def parse_args(argv):
 def save_initial_weights(caffe, solver_path, path):
     """The net as the solver initialises it (Caffe's random_seed fixes the fillers)."""
     from ctxpred.layers import close_data_layers
-    solver = caffe.SGDSolver(str(solver_path))
+    solver = caffe.get_solver(str(solver_path))
     solver.net.save(str(path))
     close_data_layers(solver.net)
 

@@ -1,0 +1,66 @@
+"""Fold BatchNorm into the conv / fc layers before it, for deployment.
+
+For each Convolution or InnerProduct followed by a BatchNorm in INDEFINITION
+(blobs mean, var, scale factor s; eps from batch_norm_param, default 1e-5):
+std = sqrt(var/s + eps), W <- W / std per output channel, b <- b/std -
+(mean/s)/std. Layers after the pair fusion (fc7 and on) keep their BatchNorm,
+as in the authors' code. OUTMODEL holds the weights of OUTDEFINITION's
+layers, e.g. prototxt/color_dropping/deploy.prototxt (conv1..fc6) or
+train_no_bn.prototxt (which keeps bn7).
+
+The folded net computes in every phase what the BatchNorm net computes in
+the TEST phase. The authors recommend data-dependent rescaling (magic init)
+afterwards, since folding leaves badly scaled weights.
+
+Example:
+  python tools/debatchnorm.py prototxt/color_dropping/train.prototxt \\
+      runs/color_dropping/model_iter_2000.caffemodel \\
+      prototxt/color_dropping/deploy.prototxt folded.caffemodel
+"""
+import argparse
+import sys
+
+from ctxpred.surgery import (batchnorm_pairs, compare_shapes, fold_batchnorm,
+                             net_param_shapes, read_net_param)
+from ctxpred.weights import read_weights, write_weights
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("indefinition", help="prototxt of the net with BatchNorm (its layer "
+                                             "graph says which layers fold)")
+    parser.add_argument("inmodel", help="caffemodel of that net (binary or HDF5), saved after "
+                                        "TRAIN forward passes filled BatchNorm's statistics")
+    parser.add_argument("outdefinition", help="prototxt of the BatchNorm-free net; Caffe builds "
+                                              "it (TEST phase) to check the output's shapes")
+    parser.add_argument("outmodel", help="caffemodel to write for OUTDEFINITION's layers; "
+                                         "HDF5 if it ends in .h5")
+    args = parser.parse_args(argv)
+    try:
+        in_param, out_param = read_net_param(args.indefinition), read_net_param(args.outdefinition)
+        folded = fold_batchnorm(read_weights(args.inmodel), in_param)
+        out_shapes = net_param_shapes(out_param, args.outdefinition)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    report = compare_shapes(out_shapes, folded)
+    if report.different:
+        print(f"error: the folded weights do not fit {args.outdefinition}:", file=sys.stderr)
+        for line in report.lines():
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    write_weights({name: folded[name] for name in out_shapes if name in folded}, args.outmodel)
+    for layer, batchnorm in batchnorm_pairs(in_param):
+        print(f"folded {batchnorm.name} into {layer.name}")
+    if report.unused:
+        print(f"left out (not in {args.outdefinition}): {', '.join(report.unused)}")
+    if report.missing:
+        print(f"warning: {args.inmodel} has no weights for {', '.join(report.missing)}; "
+              "Caffe will leave them at their fillers")
+    print(f"wrote {args.outmodel}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""List the layers, blob shapes and parameter counts of a Caffe weight file.
+
+With --prototxt, also check the weights against that net definition and
+report every difference in plain words: layers of the net without weights,
+layers of the weights the net does not use, and blob shape differences.
+Exit status: 0 when everything matches, 1 when the weights differ from the
+net, 2 when a file cannot be read (missing, not a Caffe model, bad prototxt).
+
+Examples:
+  python tools/inspect_caffemodel.py runs/color_dropping/model_iter_2000.caffemodel
+  python tools/inspect_caffemodel.py no_fc6.caffemodel \\
+      --prototxt prototxt/groupless_caffenet.prototxt
+"""
+import argparse
+import sys
+
+from ctxpred.surgery import compare_shapes, net_param_shapes, read_net_param
+from ctxpred.weights import read_weights
+
+
+def layer_table(weights):
+    """The table of layers, blob shapes and parameter counts, with a total line (text)."""
+    rows = [(name, ", ".join("x".join(map(str, array.shape)) for array in arrays),
+             sum(array.size for array in arrays)) for name, arrays in weights.items()]
+    name_width = max([len("layer")] + [len(row[0]) for row in rows])
+    shape_width = max([len("blobs")] + [len(row[1]) for row in rows])
+    lines = [f"{'layer':<{name_width}}  {'blobs':<{shape_width}}  {'parameters':>12}"]
+    lines += [f"{name:<{name_width}}  {shapes:<{shape_width}}  {count:>12,}"
+              for name, shapes, count in rows]
+    total = sum(row[2] for row in rows)
+    lines.append(f"total: {total:,} parameters in {len(rows)} layers "
+                 f"({total * 4 / 2 ** 20:.1f} MiB as float32)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("weights", help="caffemodel to inspect (binary or HDF5)")
+    parser.add_argument("--prototxt", help="net definition to check the weights against; "
+                                           "Caffe builds it in the TEST phase")
+    args = parser.parse_args(argv)
+    try:
+        net_param = read_net_param(args.prototxt) if args.prototxt else None
+        weights = read_weights(args.weights)
+        net_shapes = (net_param_shapes(net_param, args.prototxt) if net_param is not None
+                      else None)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.weights}:")
+    print(layer_table(weights))
+    if net_shapes is None:
+        return 0
+    report = compare_shapes(net_shapes, weights)
+    if report.exact:
+        print(f"{args.weights} fits {args.prototxt}: same layers, same shapes")
+        return 0
+    print(f"{args.weights} differs from {args.prototxt}:")
+    for line in report.lines():
+        print(f"  {line}")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
