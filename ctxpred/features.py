@@ -70,10 +70,10 @@ from ctxpred.caffe_env import import_caffe
 from ctxpred.images import FileSource, ImageError, ImageSource, decode_rgb
 from ctxpred.nets import MEAN_RGB, PATCH
 from ctxpred.preprocess import crop_patches
+from ctxpred.surgery import read_net_param
 from ctxpred.weights import read_weights
 
 PATCH_MODES = ("random", "grid")
-UPGRADE_TOOL = "upgrade_net_proto_text"
 
 
 class WeightMismatchError(ValueError):
@@ -84,38 +84,15 @@ class WeightMismatchError(ValueError):
 # The deploy net
 
 
-def read_net_param(path):
-    """The NetParameter of a deploy prototxt, with a legacy ``input:`` header made an Input layer.
+def read_deploy_param(path):
+    """The NetParameter of a deploy prototxt (see ctxpred.surgery.read_net_param).
 
-    Raises FileNotFoundError naming a missing file and ValueError naming one
-    that is not a (current-format) NetParameter.
+    Raises ValueError naming the file when it has no Input layer.
     """
-    from google.protobuf import text_format
-
-    caffe_pb2 = import_caffe().proto.caffe_pb2
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"deploy prototxt {path} does not exist")
-    param = caffe_pb2.NetParameter()
-    try:
-        text_format.Merge(path.read_text(encoding="utf-8"), param)
-    except (text_format.ParseError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a Caffe net prototxt: {error}") from None
-    if len(param.layers):
-        raise ValueError(f"{path} uses Caffe's V1 'layers' format; convert it with Caffe's "
-                         f"{UPGRADE_TOOL} tool")
-    if len(param.input):
-        if len(param.input) != 1:
-            raise ValueError(f"{path} declares {len(param.input)} inputs; a feature net has one")
-        dims = list(param.input_shape[0].dim) if len(param.input_shape) else list(param.input_dim)
-        layer = caffe_pb2.LayerParameter(name=param.input[0], type="Input", top=[param.input[0]])
-        layer.input_param.shape.add(dim=dims)
-        layers = [layer] + list(param.layer)
-        for name in ("input", "input_shape", "input_dim", "layer"):
-            param.ClearField(name)
-        param.layer.extend(layers)
-    if not any(layer.type == "Input" for layer in param.layer):
-        raise ValueError(f"{path} has no Input layer (nor an input: header): not a deploy net")
+    param = read_net_param(path)
+    if sum(layer.type == "Input" for layer in param.layer) != 1:
+        raise ValueError(f"{path} needs exactly one Input layer (or input: header) "
+                         "to be a feature net")
     return param
 
 
@@ -251,7 +228,7 @@ class FeatureExtractor:
             raise ValueError(f"batch must be positive, got {batch}")
         self.layer = layer
         self.batch = batch
-        self.param = truncated(read_net_param(deploy), layer)
+        self.param = truncated(read_deploy_param(deploy), layer)
         source = "the given weights" if isinstance(weights, dict) else str(weights)
         weights = weights if isinstance(weights, dict) else read_weights(weights)
         self.net = instantiate(self.param)

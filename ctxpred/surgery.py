@@ -63,9 +63,10 @@ def param_shapes(net):
 def read_net_param(path):
     """The caffe_pb2.NetParameter of a prototxt file (protobuf text format).
 
-    Raises FileNotFoundError naming a missing file, and ValueError naming a
-    file that is not a net definition (not text, a syntax error, no layers,
-    or the V1 ``layers`` format that Caffe upgrades on load).
+    A legacy ``input:`` header (as in the 2015 released deploy nets) becomes
+    an Input layer. Raises FileNotFoundError naming a missing file, and
+    ValueError naming a file that is not a net definition (not text, a syntax
+    error, no layers, or the V1 ``layers`` format that Caffe upgrades on load).
     """
     caffe_pb2 = import_caffe().proto.caffe_pb2
     path = Path(path)
@@ -76,11 +77,30 @@ def read_net_param(path):
         text_format.Merge(path.read_text(encoding="utf-8"), net_param)
     except (text_format.ParseError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not a Caffe net definition (prototxt): {error}") from None
+    if net_param.layers:
+        raise ValueError(f"{path} uses Caffe's V1 'layers' format; convert it with Caffe's "
+                         "upgrade_net_proto_text")
+    if net_param.input:
+        _input_header_to_layers(net_param)
     if not net_param.layer:
-        old = (" in the V1 format ('layers'); convert it with Caffe's upgrade_net_proto_text"
-               if net_param.layers else "")
-        raise ValueError(f"{path} defines no layers{old}")
+        raise ValueError(f"{path} defines no layers")
     return net_param
+
+
+def _input_header_to_layers(net_param):
+    """Replace ``input:`` / ``input_shape`` / ``input_dim`` by Input layers, in place."""
+    caffe_pb2 = import_caffe().proto.caffe_pb2
+    inputs = []
+    for index, name in enumerate(net_param.input):
+        layer = caffe_pb2.LayerParameter(name=name, type="Input", top=[name])
+        dims = (list(net_param.input_shape[index].dim) if net_param.input_shape
+                else list(net_param.input_dim[4 * index:4 * index + 4]))
+        layer.input_param.shape.add(dim=dims)
+        inputs.append(layer)
+    layers = inputs + list(net_param.layer)
+    for field in ("input", "input_shape", "input_dim", "layer"):
+        net_param.ClearField(field)
+    net_param.layer.extend(layers)
 
 
 def net_param_shapes(net_param, source=None):

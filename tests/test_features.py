@@ -12,7 +12,7 @@ import skimage.data
 import skimage.io
 
 from ctxpred.features import (DenseFeatureNet, FeatureExtractor, WeightMismatchError,
-                              dense_features, listed_patches, net_stride, read_net_param,
+                              dense_features, listed_patches, net_stride, read_deploy_param,
                               read_patch_list, sampled_patches, stream_features,
                               open_feature_writer)
 from ctxpred.images import open_source
@@ -232,17 +232,17 @@ def test_missing_files_and_help(weights, tmp_path, capsys):
 
 def test_stride_is_read_from_the_prototxt_and_legacy_input_headers(tmp_path):
     for name in NET_NAMES:
-        assert net_stride(read_net_param(REPO / "prototxt" / name / "deploy.prototxt")) == 32
+        assert net_stride(read_deploy_param(REPO / "prototxt" / name / "deploy.prototxt")) == 32
     text = Path(DEPLOY).read_text()
     body = text[text.index("layer {\n  name: \"data_sumsq\""):]
     legacy = tmp_path / "legacy.prototxt"
     legacy.write_text('input: "data"\ninput_dim: 1\ninput_dim: 3\ninput_dim: 96\ninput_dim: 96\n'
                       + body)
-    param = read_net_param(legacy)
+    param = read_deploy_param(legacy)
     assert param.layer[0].type == "Input" and list(param.layer[0].input_param.shape[0].dim) == [
         1, 3, 96, 96]
     assert [layer.name for layer in param.layer[1:]] == [
-        layer.name for layer in read_net_param(DEPLOY).layer[1:]]
+        layer.name for layer in read_deploy_param(DEPLOY).layer[1:]]
 
 
 def test_dense_features_are_the_windows_features(caffe, weights, extractor):
