@@ -12,7 +12,7 @@ readonly SOURCE_SHA256=ad7ba487552f4343df25044a9fa14812a96add48ea2ff993b53bf2daf
 readonly DEBIAN_PACKAGES="build-essential cmake libprotobuf-dev protobuf-compiler \
 libgoogle-glog-dev libgflags-dev libhdf5-dev liblmdb-dev libleveldb-dev libsnappy-dev \
 libopencv-dev libopenblas-dev libboost-system-dev libboost-thread-dev \
-libboost-filesystem-dev libboost-python-dev libboost-regex-dev"
+libboost-filesystem-dev libboost-python-dev libboost-regex-dev ccache"
 # CMake options of every build; with the patches, the flavour and the Python
 # version they make up the cache key.
 readonly CMAKE_OPTIONS=(
