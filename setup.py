@@ -27,6 +27,8 @@ setup(
         "Pillow>=10",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "onnx>=1.17",            # tools/export_onnx.py; the first releases built for numpy 2
+        "onnxruntime>=1.19",
     ],
     extras_require={"test": ["pytest>=7"]},
     classifiers=[
