@@ -1,7 +1,8 @@
 """The training loop around a Caffe SGD solver, with the reference's safeguards.
 
 - A run lives in one folder: ``train.prototxt``, ``solver.prototxt``,
-  ``model_iter_N.{caffemodel,solverstate}`` snapshots, ``train.log`` (one
+  ``model_iter_N.{caffemodel,solverstate}`` snapshots, ``events.log`` (resume,
+  stop and divergence messages), ``train.log`` (one
   tab-separated line per step) and ``training.png``.
 - Resume: the newest ``model_iter_N.solverstate`` in the folder is restored.
 - Stop cleanly: SIGINT / SIGTERM, or a file named ``pause`` or ``quit`` in the
@@ -249,10 +250,19 @@ def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_every=
           progress=None, log=print):
     """Run the solver until ``max_iter`` (or the time budget, or a stop request).
 
-    Returns a dict: final iteration, stop reason, snapshot path, seconds.
-    Raises DivergenceError after leaving the last good snapshot in place.
+    Messages (resume, stop, divergence) go to ``log`` and, timestamped, to
+    ``events.log`` in the run folder. Returns a dict: final iteration, stop
+    reason, snapshot path, seconds. Raises DivergenceError after leaving the
+    last good snapshot in place.
     """
     run_dir = Path(run_dir)
+    show = log
+
+    def log(message):
+        show(message)
+        with open(run_dir / "events.log", "a", encoding="utf-8") as events:
+            events.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
     for name in STOP_FILES:
         if (run_dir / name).exists():
             (run_dir / name).unlink()
@@ -295,12 +305,16 @@ def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_every=
         if solver.iter > (resume[0] if resume else 0):
             solver.snapshot()
         snapshot = latest_snapshot(run_dir)
+        log(f"stopped at iteration {solver.iter} ({reason}); snapshot "
+            f"{snapshot[1] if snapshot else 'none'}")
         if log_path.exists():
             plot_log(log_path, png_path)
     except DivergenceError as error:
         good = latest_snapshot(run_dir)
-        raise DivergenceError(f"{error}; training stopped, last good snapshot: "
-                              f"{good[1] if good else 'none'}") from None
+        message = (f"{error}; training stopped, last good snapshot: "
+                   f"{good[1] if good else 'none'}")
+        log(f"diverged: {message}")
+        raise DivergenceError(message) from None
     finally:
         close_data_layers(net)
     return dict(iter=solver.iter, reason=reason, snapshot=snapshot and str(snapshot[1]),

@@ -47,6 +47,7 @@ def test_train_snapshot_log_plot_then_resume(caffe, tmp_path, photo_folder):
     messages = []
     second = train(caffe, solver, run_dir, max_iter=5, log=messages.append)
     assert any("resuming from" in m and "model_iter_3.solverstate" in m for m in messages)
+    assert "resuming from" in (run_dir / "events.log").read_text()
     assert second["iter"] == 5
     np.testing.assert_array_equal(read_log(run_dir / "train.log")["iter"], [1, 2, 3, 4, 5])
 

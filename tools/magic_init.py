@@ -1,0 +1,146 @@
+"""Data-dependent initialisation ("magic init", Kraehenbuehl et al., ICLR 2016) of a Caffe net.
+
+Every parameter layer whose weights are all zero is initialised from data, in
+network order: weights from a basis (-t), then each output channel scaled and
+shifted so that its pre-activation has mean BIAS (-b) and std 1 on the data.
+Layers that hold weights (from -l, or from a filler) are kept; -z zeroes
+everything first. -cs then rescales whole layers so that their weights change
+at the same relative rate under SGD (measured on the first batch, up to 10
+rounds). Softmax, Accuracy, loss and Dropout layers are left out of the
+analysis (the weights still load by name into PROTOTXT); BatchNorm must be
+folded first (tools/debatchnorm.py). The end is a table per layer: weight and
+bias scale, pre-activation mean and std on the data, and the gradient ratio
+before and after -cs.
+
+With -d, images are resized to the net's input size (Input layer shape, or a
+data layer's crop_size / new_height x new_width, else 227), the BGR mean
+104, 117, 123 subtracted, times -s, in batches of -bs. Without -d the
+prototxt's own Data / ImageData layer feeds the net (TRAIN phase).
+
+Example (the project page's command, for a "no fc6" context model made with
+tools/make_no_fc6.py and tools/debatchnorm.py):
+  python tools/magic_init.py -cs -d '/data/VOC2007/JPEGImages/*.jpg' --gpu 0 \\
+      --load no_fc6.caffemodel prototxt/groupless_caffenet.prototxt out.caffemodel
+"""
+import argparse
+import sys
+
+import numpy as np
+
+from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
+from ctxpred.images import open_source
+from ctxpred.magic_init import (TYPES, NetUnderInit, analysis_net, build_net, data_layer_batches,
+                                image_batches, input_size, summary_lines)
+from ctxpred.surgery import load_params, net_param_shapes, net_params, read_net_param
+from ctxpred.weights import read_weights, write_weights
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prototxt", help="net definition (deploy or train prototxt)")
+    parser.add_argument("output_caffemodel", help="caffemodel to write (HDF5 if it ends in .h5)")
+    parser.add_argument("-l", "--load", metavar="CAFFEMODEL",
+                        help="load these weights first (by layer name); their non-zero layers "
+                             "are kept, only rescaled by -cs")
+    parser.add_argument("-d", "--data", metavar="GLOB",
+                        help="images to use (a quoted glob, or a folder / list file / LMDB); "
+                             "default: the prototxt's own data layer, TRAIN phase")
+    parser.add_argument("-b", "--bias", type=float, default=0.1,
+                        help="target mean of each initialised pre-activation "
+                             "(default: %(default)s)")
+    parser.add_argument("-t", "--type", default="elwise", choices=TYPES, metavar="TYPE",
+                        help="initial weights: elwise (i.i.d. Gaussian), pca, zca (whitening "
+                             "filters of the layer's input patches), kmeans (k-means centres "
+                             "of whitened patches), rand (random whitened patches); fast_ "
+                             "prefix: patches from the first batch only; Deconvolution layers "
+                             "take elwise only (default: %(default)s)")
+    parser.add_argument("-z", action="store_true",
+                        help="zero all weights first, so that every layer is initialised")
+    parser.add_argument("-cs", action="store_true",
+                        help="correct for scaling: rescale layers to equal gradient ratios "
+                             "(-c works too)")
+    parser.add_argument("-q", action="store_true",
+                        help="quiet: Caffe's own log (glog) at errors only")
+    parser.add_argument("-s", type=float, default=1.0,
+                        help="input scale, with -d only (default: %(default)s)")
+    parser.add_argument("-bs", type=int, default=16,
+                        help="batch size, with -d only (default: %(default)s)")
+    parser.add_argument("-nit", type=int, default=10,
+                        help="number of batches for the statistics (default: %(default)s)")
+    parser.add_argument("--mem-limit", type=float, default=500, metavar="MB",
+                        help="cap in MB on the gathered input patches, and on the activations "
+                             "kept between layers (default: %(default)s)")
+    parser.add_argument("--gpu", type=int, default=None,
+                        help="CUDA device id; with a CPU-only Caffe the CPU is used (default: CPU)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the image order, the weights and -cs's diffs "
+                             "(default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.bs < 1 or args.nit < 1 or args.mem_limit <= 0:
+        parser.error("-bs, -nit and --mem-limit must be positive")
+    return args
+
+
+def caffe_for(gpu, quiet):
+    """pycaffe on GPU ``gpu``, or on the CPU (saying so) when this Caffe has no CUDA."""
+    if gpu is not None:
+        try:
+            return load_caffe(gpu=gpu, quiet=quiet)
+        except CaffeNotAvailable:
+            print(f"note: this Caffe is a CPU-only build: running on the CPU instead of GPU {gpu}")
+    return load_caffe(gpu=None, quiet=quiet)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        caffe = caffe_for(args.gpu, args.q)
+    except CaffeNotAvailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    image_rng, init_rng, calibration_rng = map(np.random.default_rng,
+                                               np.random.SeedSequence(args.seed).spawn(3))
+    try:
+        net_param = read_net_param(args.prototxt)
+        shape = source = None
+        if args.data is not None:
+            shape, source = (args.bs, 3, *input_size(net_param)), open_source(args.data)
+        analysis, notes = analysis_net(net_param, shape)
+        for note in notes:
+            print(note)
+        net_param_shapes(analysis, args.prototxt)  # Caffe would abort this process
+        if args.data is not None:
+            top = next(layer.top[0] for layer in analysis.layer if layer.type == "Input")
+            batches = [{top: batch} for batch in
+                       image_batches(source, args.bs, args.nit, shape[2:], args.s, image_rng)]
+        net = build_net(caffe, analysis)
+        if args.load:
+            weights = read_weights(args.load)
+            copied = load_params(net, weights, strict=False)
+            print(f"loaded {', '.join(copied) or 'no layer'} from {args.load}")
+            unused = [name for name in weights if name not in net.params]
+            if unused:
+                print(f"not in the net (ignored): {', '.join(unused)}")
+        if args.z:
+            for blobs in net.params.values():
+                for blob in blobs:
+                    blob.data[...] = 0
+        if args.data is None:
+            batches = data_layer_batches(net, args.nit)
+        subject = NetUnderInit(net, analysis, batches)
+        done = subject.initialize(args.bias, args.type, args.mem_limit, init_rng)
+        calibration = subject.calibrate(calibration_rng) if args.cs else None
+        statistics = subject.statistics()
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for line in summary_lines(subject, done, statistics, calibration):
+        print(line)
+    write_weights(net_params(net), args.output_caffemodel)
+    print(f"wrote {args.output_caffemodel}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
