@@ -1,0 +1,188 @@
+"""The nearest-neighbour page: escaping, relative links, shared patch files, the tool end to end."""
+import importlib.util
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ctxpred.pages import PatchStore, ShownPatch, neighbours_page
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "nearest_neighbors.py"
+DEPLOY = str(REPO / "prototxt" / "color_dropping" / "deploy.prototxt")
+NASTY = "<b>x</b>.jpg"  # a folder '<b>x<' holding 'b>.jpg'
+ODD = "a&b \"q\" #1 ?%20.jpg"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+class PageLinks(HTMLParser):
+    """Collects img src / a href values and, per table row, the img titles."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources, self.links, self.rows = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr":
+            self.rows.append([])
+        elif tag == "img":
+            self.sources.append(attrs["src"])
+            self.rows[-1].append(attrs["title"])
+        elif tag == "a":
+            self.links.append(attrs["href"])
+
+
+def parsed(page):
+    parser = PageLinks()
+    parser.feed(Path(page).read_text(encoding="utf-8"))
+    return parser
+
+
+def resolve(page, url):
+    """The file a relative URL of ``page`` points to (as a browser opening it from disk would)."""
+    assert "://" not in url and not url.startswith("/"), url
+    return (Path(page).parent / unquote(url)).resolve()
+
+
+def image_of(title):
+    return title.rsplit(" (x=", 1)[0]
+
+
+def test_page_escapes_names_links_relatively_and_shares_patches(tmp_path, rng):
+    photos = tmp_path / "photos"
+    (photos / "<b>x<").mkdir(parents=True)
+    patches = rng.integers(0, 256, size=(3, 96, 96, 3), dtype=np.uint8)
+    for name, pixels in ((NASTY, patches[0]), (ODD, patches[1])):
+        Image.fromarray(pixels).save(photos / name, format="JPEG")
+    nasty, odd = (ShownPatch(patches[n], str(photos / name), (0, 0, 96, 96))
+                  for n, name in enumerate((NASTY, ODD)))
+    other = ShownPatch(patches[2], "lmdb:key<1>", (5, 7, 96, 96), similarity=0.5)
+    store = PatchStore(tmp_path / "out" / "patches")
+    rows = [(nasty, [[ShownPatch(odd.pixels, odd.image, odd.box, 0.25), other]]),
+            (odd, [[other, None]])]
+    first = neighbours_page(tmp_path / "out" / "index.html", store, "NN <test>", "<p>x</p>",
+                            ["net <1>"], rows)
+    second = neighbours_page(tmp_path / "out" / "more" / "deep" / "page.html", store, "again",
+                             "", ["net"], rows)
+    text = first.read_text(encoding="utf-8")
+    assert "<b>x</b>" not in text and "&lt;b&gt;x&lt;/b&gt;.jpg" in text
+    assert "net &lt;1&gt;" in text and "<title>NN &lt;test&gt;</title>" in text
+    assert "lmdb:key&lt;1&gt;" in text
+    for page in (first, second):
+        links = parsed(page)
+        assert len(links.sources) == 5 and len(links.links) == 3  # None: no img; lmdb: no link
+        for url in links.sources + links.links:
+            assert resolve(page, url).is_file(), url
+        assert {resolve(page, url).name for url in links.links} == {"b>.jpg", ODD}
+        assert [image_of(title) for title in links.rows[2]] == [
+            str(photos / NASTY), str(photos / ODD), "lmdb:key<1>"]
+    # Three distinct patches: three files, the same ones for both pages.
+    assert len(list(store.folder.iterdir())) == 3
+    assert ({resolve(first, url) for url in parsed(first).sources}
+            == {resolve(second, url) for url in parsed(second).sources})
+    assert store.add(patches[0].copy()) == resolve(first, parsed(first).sources[0])
+
+
+def tool_main():
+    spec = importlib.util.spec_from_file_location("nearest_neighbors", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def weight_files(caffe, tmp_path_factory):
+    """Two colour-dropping deploy nets with seeded random weights (He-scaled) and biases."""
+    folder = tmp_path_factory.mktemp("weights")
+    paths = []
+    for seed in (0, 1):
+        net = caffe.Net(DEPLOY, caffe.TEST)
+        rng = np.random.default_rng(seed)
+        for weight, bias in net.params.values():
+            fan_in = np.prod(weight.data.shape[1:])
+            weight.data[...] = rng.normal(0, np.sqrt(2 / fan_in), weight.data.shape)
+            bias.data[...] = rng.normal(0, 0.1, bias.data.shape)
+        paths.append(str(folder / f"random{seed}.caffemodel"))
+        net.save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def figure(weight_files, photo_folder, tmp_path_factory):
+    """The tool's output on the four photos plus one named <b>x</b>.jpg: (index.html, photos)."""
+    photos = tmp_path_factory.mktemp("nasty")
+    for path in photo_folder.iterdir():
+        shutil.copy(path, photos / path.name)
+    (photos / "<b>x<").mkdir()
+    shutil.copy(photo_folder / "coffee.jpg", photos / NASTY)
+    out = tmp_path_factory.mktemp("figure") / "nn"
+    tool_main()(["--images", str(photos), "--queries", "4", "--k", "3",
+                 "--weights", *weight_files, "--labels", "random <a>", "random <b>",
+                 "--patches-per-image", "3", "--seed", "2", "--batch", "8", "--out", str(out)])
+    return out / "index.html", photos
+
+
+def test_tool_writes_the_figure(figure):
+    page, photos = figure
+    text = page.read_text(encoding="utf-8")
+    links = parsed(page)
+    for url in links.sources + links.links:
+        assert resolve(page, url).is_file(), url
+    assert all(url.startswith("patches/") for url in links.sources)
+    assert "Exclusion rule:</b> neighbours from the query's own image are excluded" in text
+    assert "random &lt;a&gt;" in text and "<b>x</b>" not in text
+    rows = [row for row in links.rows if row]
+    assert len(rows) == 4 and all(len(row) == 1 + 2 * 3 for row in rows)
+    for row in rows:
+        assert image_of(row[0]) not in {image_of(title) for title in row[1:]}
+    # One file per distinct patch (image and box), however often it is shown; no stray files.
+    files = {resolve(page, url) for url in links.sources}
+    assert files == set((page.parent / "patches").iterdir())
+    assert len(files) == len({title for row in rows for title in row}) < len(links.sources)
+
+
+def test_tool_with_the_approximate_index_and_one_image(figure, weight_files, tmp_path):
+    _, photos = figure
+    out = tmp_path / "hnsw"
+    tool_main()(["--images", str(photos), "--queries", "5", "--k", "4", "--weights",
+                 weight_files[0], "--patches-per-image", "4", "--exact-threshold", "10",
+                 "--out", str(out)])  # 20 patches > 10: HNSW
+    page = out / "index.html"
+    assert "approximate (HNSW) search" in page.read_text(encoding="utf-8")
+    rows = [row for row in parsed(page).rows if row]
+    assert len(rows) == 5 and all(len(row) == 5 for row in rows)
+    for row in rows:
+        assert image_of(row[0]) not in {image_of(title) for title in row[1:]}
+    with pytest.raises(SystemExit, match="at least 2 images"):
+        tool_main()(["--images", str(photos / "coffee.jpg"), "--weights", weight_files[0],
+                     "--out", str(tmp_path / "one")])
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium to render with")
+def test_page_renders_in_headless_chromium(figure, tmp_path):
+    page, _ = figure
+    shot = tmp_path / "shot.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--screenshot={shot}", "--window-size=1000,700", page.as_uri()],
+                   check=True, capture_output=True, timeout=60)
+    assert shot.stat().st_size > 0
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.std() > 10  # patches drawn, not a blank page
+
+
+def test_help_explains_every_flag():
+    result = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True,
+                            text=True, check=True)
+    for flag in ("--images", "--queries", "--k", "--weights", "--net", "--labels", "--layer",
+                 "--out", "--patches-per-image", "--max-pixels", "--seed", "--exact-threshold",
+                 "--batch", "--gpu"):
+        assert flag in result.stdout
