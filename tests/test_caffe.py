@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ctxpred.caffe_env import CaffeNotAvailable, caffe_has_cuda, load_caffe
+from ctxpred.weights import read_weights
 
 
 def write_net(tmp_path, net_spec, name="net.prototxt"):
@@ -213,3 +214,6 @@ def test_models_over_512_mib_load(caffe, tmp_path):
     assert os.path.getsize(weights) > 512 * 2 ** 20
     reloaded = caffe.Net(definition, caffe.TEST, weights=str(weights))
     assert reloaded.params["big"][0].data[-1, 0] == 3.5
+    del reloaded
+    # ctxpred's own reader (no net built) takes it too.
+    assert read_weights(weights)["big"][0][-1, 0] == 3.5
