@@ -20,6 +20,8 @@ venv: $(STAMP)
 
 $(STAMP): setup.py
 	@$(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu run: sudo apt-get install python3-venv python3-dev" >&2; exit 2; }
+	@# opencv-python-headless and the contrib wheel both own cv2/: keep only the contrib one
+	@$(PY) -m pip uninstall -q -y opencv-python-headless opencv-python 2>/dev/null || true
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 

@@ -23,7 +23,7 @@ setup(
         "lmdb>=1.4",
         "protobuf>=3.20",        # Caffe's generated caffe_pb2 needs >= 3.20
         "six",                   # imported by pycaffe
-        "opencv-python-headless>=4.7,<5",
+        "opencv-contrib-python-headless>=4.7,<5",
         "Pillow>=10",
         "tqdm>=4.60",
         "matplotlib>=3.7",

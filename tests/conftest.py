@@ -28,3 +28,60 @@ def photo_folder(tmp_path_factory):
     for name in ("astronaut", "coffee", "rocket", "chelsea"):
         Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.jpg", quality=95)
     return folder
+
+
+def _elliptic_cutout(pixels):
+    """An RGBA cut-out: an RGB crop (h, w, 3) inside an opaque ellipse."""
+    height, width = pixels.shape[:2]
+    y, x = np.mgrid[:height, :width]
+    inside = ((y - height / 2) / (height / 2)) ** 2 + ((x - width / 2) / (width / 2)) ** 2 <= 1
+    return np.dstack([pixels, np.where(inside, 255, 0).astype(np.uint8)])
+
+
+@pytest.fixture(scope="session")
+def tiny_detection_set(tmp_path_factory):
+    """A VOC-format set of 8 trainval and 4 test images (240 px), classes cat and rocket.
+
+    Cut-outs (an ellipse around chelsea's face, the rocket) are pasted onto
+    real photos with ctxpred.synthetic_scenes; the proposals are the
+    ground-truth boxes jittered by up to 20% plus random boxes (selective
+    search itself is tested separately: it takes ~1 s per image).
+    """
+    from ctxpred.proposals import save_proposals
+    from ctxpred.synthetic_scenes import compose_scene, fit_longer_side
+    from ctxpred.voc import Annotation, VocObject, write_annotation
+
+    root = tmp_path_factory.mktemp("detection")
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / folder).mkdir(parents=True)
+    (root / "classes.txt").write_text("cat\nrocket\n")
+    cutouts = [("cat", _elliptic_cutout(skimage.data.chelsea()[40:260, 90:330])),
+               ("rocket", _elliptic_cutout(skimage.data.rocket()[40:420, 280:380]))]
+    backgrounds = [skimage.data.astronaut(), skimage.data.coffee(),
+                   skimage.data.stereo_motorcycle()[0], skimage.data.immunohistochemistry()]
+    rng = np.random.default_rng(7)
+    proposals = {}
+    for split, count in (("trainval", 8), ("test", 4)):
+        ids = []
+        for index in range(count):
+            background = fit_longer_side(backgrounds[index % len(backgrounds)], 240)
+            image, placed = compose_scene(background, cutouts, rng, size_range=(0.35, 0.5))
+            image_id = f"{split}_{index}"
+            Image.fromarray(image).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            write_annotation(Annotation(f"{image_id}.jpg", image.shape[1], image.shape[0],
+                                        tuple(VocObject(o.label, o.box) for o in placed)),
+                             root / "Annotations" / f"{image_id}.xml")
+            gt = np.array([o.box for o in placed], np.float64)
+            sizes = np.tile(gt[:, 2:] - gt[:, :2] + 1, (1, 2))
+            jittered = np.repeat(gt, 30, axis=0) + rng.uniform(-0.2, 0.2, (30 * len(gt), 4)) \
+                * np.repeat(sizes, 30, axis=0)
+            corners = rng.uniform(1, [image.shape[1], image.shape[0]], (60, 2))
+            random = np.hstack([corners, corners + rng.uniform(20, 120, (60, 2))])
+            boxes = np.vstack([jittered, random])
+            boxes[:, 0::2] = np.clip(boxes[:, 0::2], 1, image.shape[1])
+            boxes[:, 1::2] = np.clip(boxes[:, 1::2], 1, image.shape[0])
+            proposals[image_id] = np.rint(boxes)
+            ids.append(image_id)
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    save_proposals(root / "proposals.npz", proposals)
+    return root
