@@ -25,11 +25,11 @@ VGG16_SIDE = 224
 IMAGENET_CLASSES = 1000
 
 # (name, kernel, outputs, stride, pad, grouped in BVLC CaffeNet) of CaffeNet's convolutions.
-_CAFFENET_CONVS = (("conv1", 11, 96, 4, 0, False), ("conv2", 5, 256, 1, 2, True),
-                   ("conv3", 3, 384, 1, 1, False), ("conv4", 3, 384, 1, 1, True),
-                   ("conv5", 3, 256, 1, 1, True))
+CAFFENET_CONVS = (("conv1", 11, 96, 4, 0, False), ("conv2", 5, 256, 1, 2, True),
+                  ("conv3", 3, 384, 1, 1, False), ("conv4", 3, 384, 1, 1, True),
+                  ("conv5", 3, 256, 1, 1, True))
 # (stage, number of 3x3 convolutions, outputs) of VGG16.
-_VGG16_STAGES = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
+VGG16_STAGES = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
 
 
 def _classifier(caffe, n, bottom):
@@ -54,7 +54,7 @@ def caffenet_deploy(group=1, batch=1):
     n = caffe.NetSpec()
     n.data = caffe.layers.Input(shape=dict(dim=[batch, 3, CAFFENET_SIDE, CAFFENET_SIDE]))
     top = n.data
-    for index, (name, kernel, outputs, stride, pad, grouped) in enumerate(_CAFFENET_CONVS, 1):
+    for index, (name, kernel, outputs, stride, pad, grouped) in enumerate(CAFFENET_CONVS, 1):
         options = dict(group=group) if grouped and group != 1 else {}
         setattr(n, name, caffe.layers.Convolution(top, num_output=outputs, kernel_size=kernel,
                                                   stride=stride, pad=pad, **options))
@@ -80,7 +80,7 @@ def vgg16_deploy(batch=1):
     n = caffe.NetSpec()
     n.data = caffe.layers.Input(shape=dict(dim=[batch, 3, VGG16_SIDE, VGG16_SIDE]))
     top = n.data
-    for stage, count, outputs in _VGG16_STAGES:
+    for stage, count, outputs in VGG16_STAGES:
         for index in range(1, count + 1):
             name = f"conv{stage}_{index}"
             setattr(n, name, caffe.layers.Convolution(top, num_output=outputs, kernel_size=3,
