@@ -148,8 +148,11 @@ def prepare_detection_init(caffe, weights_path, net_name, images, context_def, d
 
     Returns a :class:`DetectionInit`. Raises FileNotFoundError naming a
     missing file, ValueError (MagicInitError included) naming the file or
-    layer that does not fit.
+    layer that does not fit, or for fewer than 2 images in all.
     """
+    if batch_size * iterations < 2:
+        raise ValueError(f"{batch_size} x {iterations} image(s): the fc layers' statistics over "
+                         "images need at least 2")
     context_param = read_net_param(context_def)
     weights = read_weights(weights_path)
     detection_param = read_net_param(detection_def)

@@ -104,7 +104,7 @@ def test_bad_input_names_the_file_or_layer(caffe, context_model, photo_folder, t
     tool = load_tool()
     images = str(photo_folder / "*.jpg")
     out = tmp_path / "never.caffemodel"
-    common = ["--images", images, "--out", str(out), "-bs", "1", "-nit", "1"]
+    common = ["--images", images, "--out", str(out), "-bs", "2", "-nit", "1"]
     assert tool.main(["--weights", str(model), "--net", "vgg", *common]) == 2
     error = capsys.readouterr().err
     assert str(model) in error and "conv1_1" in error and "not a vgg context model" in error
@@ -114,6 +114,9 @@ def test_bad_input_names_the_file_or_layer(caffe, context_model, photo_folder, t
     assert tool.main(["--weights", str(model), "--net", "projection", "--images",
                       str(tmp_path / "none" / "*.jpg"), "--out", str(out)]) == 2
     assert "none" in capsys.readouterr().err
+    assert tool.main(["--weights", str(model), "--net", "color_dropping", "--images", images,
+                      "--out", str(out), "-bs", "1", "-nit", "1"]) == 2
+    assert "need at least 2" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(SystemExit):
         tool.main(["--weights", str(model), "--net", "alexnet", *common])
