@@ -220,7 +220,7 @@ class RetrievalScore:
 
 
 def retrieval_score(ranks, image_ids, confidence=0.95) -> RetrievalScore:
-    """:class:`RetrievalScore` of the :func:`positive_ranks` ``ranks`` of queries from ``image_ids``."""
+    """:class:`RetrievalScore` of :func:`positive_ranks` ``ranks`` (queries from ``image_ids``)."""
     ranks = np.asarray(ranks)
     hits = int((ranks == 0).sum())
     accuracy, low, high = accuracy_with_interval(hits, len(ranks), confidence)
@@ -230,7 +230,8 @@ def retrieval_score(ranks, image_ids, confidence=0.95) -> RetrievalScore:
 
 
 def paired_difference(hits_a, hits_b, image_ids, rng, resamples=2000, confidence=0.95):
-    """(difference, low, high): rank-1 accuracy of A minus B on the same queries, bootstrap interval.
+    """(difference, low, high): rank-1 accuracy of A minus B on the same queries, with a bootstrap
+    interval.
 
     hits_a, hits_b: (N,) bool, hit or not per query for features A and B;
     image_ids: (N,) image of each query. Each of ``resamples`` bootstrap

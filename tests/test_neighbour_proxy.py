@@ -1,4 +1,4 @@
-"""The neighbour-quality proxy: keys are the described copies, ranks, chance, bootstrap, the tool."""
+"""The neighbour-quality proxy: keys as described, ranks, chance level, bootstrap, the tool."""
 import importlib.util
 import json
 from pathlib import Path

@@ -1,4 +1,6 @@
-"""Nearest-neighbour quality as a number: rank-1 retrieval of augmented copies (ctxpred.retrieval_proxy).
+"""Nearest-neighbour quality as a number: rank-1 retrieval of augmented copies.
+
+The protocol is ctxpred.retrieval_proxy's.
 
 From each image of --images, --per-image query patches (96x96, seeded
 positions) are cut, and for each an augmented copy (its key): the window
@@ -98,7 +100,7 @@ def parse_args(argv):
 
 
 def deploy_weights(path, train_param):
-    """{layer: arrays} of ``path``, BatchNorm folded when ``train_param`` (NetParameter) is given."""
+    """{layer: arrays} of ``path``, BatchNorm folded in by ``train_param`` (NetParameter) if set."""
     from ctxpred.surgery import fold_batchnorm
     from ctxpred.weights import read_weights
 
