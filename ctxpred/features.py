@@ -338,13 +338,14 @@ def _decode(source, index, max_pixels=None):
 
 
 def sampled_patches(source: ImageSource, mode, per_image=16, seed=0, max_pixels=None,
-                    patch=PATCH) -> Iterator[ImagePatches]:
+                    patch=PATCH, step=None) -> Iterator[ImagePatches]:
     """One :class:`ImagePatches` per image of ``source``, in order, decoded one at a time.
 
     mode "random": ``per_image`` patches at uniform positions (with
     repetition), drawn from ``np.random.default_rng([seed, index])``, so an
     image's patches depend only on the seed and its index. mode "grid": the
-    non-overlapping grid of :func:`grid_corners`. Images are used as decoded,
+    grid of :func:`grid_corners` with ``step`` pixels (default: the patch
+    side, patches without overlap). Images are used as decoded,
     or shrunk to ``max_pixels`` (:func:`limit_pixels`). Unusable images yield
     an ImagePatches without patches whose ``skipped`` says why.
     """
@@ -366,7 +367,7 @@ def sampled_patches(source: ImageSource, mode, per_image=16, seed=0, max_pixels=
             corners = random_corners(height, width, per_image,
                                      np.random.default_rng([seed, index]), patch)
         else:
-            corners = grid_corners(height, width, patch, patch)
+            corners = grid_corners(height, width, step or patch, patch)
         yield _cut(name, image, corners, scale, patch)
 
 

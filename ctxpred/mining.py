@@ -4,7 +4,7 @@ The procedure (method.md, "Figures of the project page"), as functions over
 arrays so that each step can be tested and reused:
 
 1. Patches: every image is covered by a grid of 96x96 patches with step
-   ``stride`` pixels (:func:`grid_patches`); their fc6 features are computed
+   ``stride`` pixels (:func:`ctxpred.features.sampled_patches`, mode "grid"); their fc6 features are computed
    once (:func:`ctxpred.features.stream_features`). A patch is a row: its
    image id and the (y, x) pixel corner of its top-left pixel.
 2. Constellations: four patches of one image at corners (y, x), (y, x + s),
@@ -54,15 +54,11 @@ at the first cluster's purity from coverage 0), between 0 and 1.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from ctxpred.features import ImagePatches, grid_corners, limit_pixels
-from ctxpred.images import ImageError, ImageSource, decode_rgb
 from ctxpred.nets import PATCH
-from ctxpred.preprocess import crop_patches
 from ctxpred.voc import box_iou
 
 CONSTELLATION = 4  # patches: top-left, top-right, bottom-left, bottom-right
@@ -72,34 +68,6 @@ IOU_THRESHOLD = 0.5
 
 # ---------------------------------------------------------------------------
 # Patches
-
-
-def grid_patches(source: ImageSource, stride, max_pixels=None,
-                 patch=PATCH) -> Iterator[ImagePatches]:
-    """One :class:`ImagePatches` per image: the grid of :func:`grid_corners` with step ``stride``.
-
-    Images are decoded one at a time, shrunk to ``max_pixels`` first when
-    given (:func:`ctxpred.features.limit_pixels`); boxes are in pixels of the
-    shrunk image. Unreadable images and images smaller than a patch yield an
-    ImagePatches without patches whose ``skipped`` says why.
-    """
-    empty = (np.empty((0, patch, patch, 3), np.uint8), np.empty((0, 4), np.int64))
-    for index in range(len(source)):
-        name = source.name(index)
-        try:
-            image, scale = limit_pixels(decode_rgb(source.read_bytes(index), name), max_pixels)
-        except ImageError as error:
-            yield ImagePatches(name, *empty, skipped=error.reason)
-            continue
-        height, width = image.shape[:2]
-        if height < patch or width < patch:
-            yield ImagePatches(name, *empty, skipped=f"{width}x{height} pixels is smaller "
-                                                    f"than a {patch}-pixel patch")
-            continue
-        corners = grid_corners(height, width, stride, patch)
-        boxes = np.column_stack([corners[:, 1], corners[:, 0],
-                                 np.full((len(corners), 2), patch)]).astype(np.int64)
-        yield ImagePatches(name, crop_patches(image, corners, patch), boxes, scale)
 
 
 def union_boxes(corners, patch=PATCH):

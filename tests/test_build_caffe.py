@@ -71,7 +71,10 @@ def test_corrupt_cached_build_is_rebuilt(caffe, tmp_path):
     shutil.copytree(installed, prefix, symlinks=True)
     (prefix / "python" / "caffe" / "_caffe.so").unlink()
 
-    result = run_script("--python", sys.executable, "--cache", str(cache))
+    try:
+        result = run_script("--python", sys.executable, "--cache", str(cache))
+    finally:
+        run_script("--python", sys.executable)  # link this venv back to the default cache
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rebuilding" in result.stderr
     assert (prefix / "python" / "caffe" / "_caffe.so").exists()

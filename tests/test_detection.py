@@ -7,7 +7,7 @@ import skimage.data
 
 from ctxpred.detection import (DatasetError, DetectionConfig, apply_box_deltas, box_targets,
                                build_roidb, class_detections, read_classes, sample_rois,
-                               target_statistics, unnormalised_bbox_weights)
+                               unnormalised_bbox_weights)
 from ctxpred.proposals import ProposalError, load_proposals, save_proposals, selective_search
 from ctxpred.synthetic_scenes import CutoutError, compose_scene, paste, trim_cutout
 from ctxpred.voc import AnnotationError, box_iou

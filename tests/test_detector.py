@@ -32,7 +32,8 @@ def random_init(caffe, tiny_detection_set, tmp_path_factory):
     return out
 
 
-def test_checked_in_ctxpred_train_net_runs_in_caffe(caffe, tiny_detection_set, tmp_path):
+def test_checked_in_ctxpred_train_net_runs_in_caffe(caffe, tiny_detection_set, random_init,
+                                                    tmp_path):
     """prototxt/fast_rcnn/ctxpred/CaffeNetGroupless/train.prototxt, pointed at a small set."""
     from caffe.proto import caffe_pb2
     param = caffe_pb2.NetParameter()
@@ -51,6 +52,7 @@ def test_checked_in_ctxpred_train_net_runs_in_caffe(caffe, tiny_detection_set, t
     path = tmp_path / "train.prototxt"
     path.write_text(text_format.MessageToString(param))
     net = caffe.Net(str(path), caffe.TRAIN)
+    net.copy_from(str(random_init))
     assert isinstance(net.layers[0], RoIData)
     net.forward()
     assert net.blobs["pool5"].data.shape[1:] == (256, 6, 6)

@@ -21,7 +21,7 @@ def test_checked_in_prototxt_equals_generated():
         assert path.exists(), f"{path} missing: run python tools/make_prototxt.py"
         assert path.read_text() == text, f"{path} is stale: run python tools/make_prototxt.py"
     checked_in = {p.relative_to(REPO / "prototxt").as_posix()
-                  for p in (REPO / "prototxt").rglob("*.prototxt")}
+                  for p in (REPO / "prototxt").rglob("*") if p.is_file()}
     assert checked_in == set(generated_files()), "prototxt/ holds files the code does not generate"
 
 

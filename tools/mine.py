@@ -162,8 +162,8 @@ def extract(args, source, path):
     """features.h5 of the grid patches of every image, unless one with the same settings exists."""
     import h5py
 
-    from ctxpred.features import FeatureExtractor, open_feature_writer, stream_features
-    from ctxpred.mining import grid_patches
+    from ctxpred.features import (FeatureExtractor, open_feature_writer, sampled_patches,
+                                  stream_features)
 
     settings = feature_settings(args)
     if path.is_file():
@@ -172,7 +172,8 @@ def extract(args, source, path):
                 print(f"reusing {path}")
                 return
     extractor = FeatureExtractor(args.deploy, args.weights, args.layer, args.batch)
-    items = grid_patches(source, args.stride, args.max_pixels, extractor.patch)
+    items = sampled_patches(source, "grid", max_pixels=args.max_pixels, patch=extractor.patch,
+                            step=args.stride)
     with open_feature_writer(path, extractor.dim, settings) as writer:
         summary = stream_features(
             extractor, tqdm(items, total=len(source), desc="features", unit="image"), writer)
