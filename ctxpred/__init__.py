@@ -19,6 +19,22 @@ Modules, one idea each:
 - ``features``: fc6 features of patches, and dense features.
 - ``onnx_export``: deploy nets to ONNX.
 - ``search``, ``pages``: nearest-neighbour search and static HTML pages.
+- ``activations``: receptive fields and streaming top-k for maximal activations.
+- ``mining``: visual data mining (constellations, geometric verification,
+  purity-coverage).
+- ``retrieval_proxy``: a number for nearest-neighbour quality (rank-1
+  retrieval of augmented copies).
+- ``fast_rcnn``: Fast R-CNN configs as NetSpec code (prototxt/fast_rcnn/ is
+  generated).
+- ``detection_init``: context model -> Fast R-CNN initial weights (fold
+  BatchNorm, conv layers, magic init).
+- ``roi_layers``: ROIPooling and SmoothL1Loss as Caffe Python layers.
+- ``voc``: VOC-format annotations and VOC average precision.
+- ``synthetic_scenes``: object cut-outs pasted onto photos at known boxes.
+- ``proposals``: selective-search proposals, stored per image.
+- ``detection``: Fast R-CNN's roidb, RoI sampling, box regression, detection.
+- ``roi_data``: the RoIData Caffe Python layer (Fast R-CNN minibatches).
+- ``detector``: training and testing a Fast R-CNN run in stock Caffe.
 """
 
 __version__ = "0.1.0"

@@ -70,7 +70,7 @@ from ctxpred.caffe_env import import_caffe
 from ctxpred.images import FileSource, ImageError, ImageSource, decode_rgb
 from ctxpred.nets import MEAN_RGB, PATCH
 from ctxpred.preprocess import crop_patches
-from ctxpred.surgery import read_net_param
+from ctxpred.surgery import fold_batchnorm, read_net_param
 from ctxpred.weights import read_weights
 
 PATCH_MODES = ("random", "grid")
@@ -209,7 +209,14 @@ class FeatureExtractor:
     RGB; normally the project's prototxt/<net>/deploy.prototxt). weights: a
     .caffemodel / .h5 path, or {layer: [arrays]}. layer: any blob of the net
     (fc6 by default; the net is cut after it, so later layers need no
-    weights). batch: patches per ``net.forward``.
+    weights). batch: patches per ``net.forward``. train_param: the
+    NetParameter of the training net the weights come from (e.g.
+    :func:`ctxpred.nets.train_net`); its BatchNorm layers held by the weights
+    are folded into the layers before them (:func:`ctxpred.surgery.fold_batchnorm`),
+    so a training snapshot gives the features of its TEST phase. When a
+    BatchNorm layer has no statistics (scale factor 0: a fresh
+    initialisation) none is folded and all are ignored, as are all BatchNorm
+    layers without ``train_param``.
 
     Attributes: ``net`` (pycaffe Net, run on the device selected with
     ctxpred.caffe_env.load_caffe), ``param`` (its NetParameter), ``patch``
@@ -223,7 +230,7 @@ class FeatureExtractor:
     weights do not fit.
     """
 
-    def __init__(self, deploy, weights, layer="fc6", batch=64):
+    def __init__(self, deploy, weights, layer="fc6", batch=64, train_param=None):
         if batch < 1:
             raise ValueError(f"batch must be positive, got {batch}")
         self.layer = layer
@@ -231,8 +238,17 @@ class FeatureExtractor:
         self.param = truncated(read_deploy_param(deploy), layer)
         source = "the given weights" if isinstance(weights, dict) else str(weights)
         weights = weights if isinstance(weights, dict) else read_weights(weights)
+        unfolded = []
+        batchnorms = {layer.name for layer in getattr(train_param, "layer", ())
+                      if layer.type == "BatchNorm"}
+        present = sorted(batchnorms.intersection(weights))
+        if any(weights[name][2].size == 1 and weights[name][2].item() == 0 for name in present):
+            unfolded = present
+            weights = {name: arrays for name, arrays in weights.items() if name not in unfolded}
+        elif present:
+            weights = fold_batchnorm(weights, train_param)
         self.net = instantiate(self.param)
-        self.ignored_layers = fit_weights(self.net, self.param, weights, source, layer)
+        self.ignored_layers = unfolded + fit_weights(self.net, self.param, weights, source, layer)
         self._input = self.net.inputs[0]
         _, channels, height, width = self.net.blobs[self._input].data.shape
         if channels != 3 or height != width:

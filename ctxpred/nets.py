@@ -218,6 +218,15 @@ def train_net(net_name, data_params, options=NetOptions()):
     return proto
 
 
+def snapshot_param(net_name):
+    """NetParameter of the training net whose snapshots hold a net's BatchNorm layers.
+
+    Its data source is a placeholder: it serves to fold BatchNorm
+    (:func:`ctxpred.surgery.fold_batchnorm`), not to train.
+    """
+    return train_net(net_name, data_layer_params(net_name, "unused"))
+
+
 def deploy_net(net_name, options=NetOptions(batchnorm=False)):
     """NetParameter of the feature net: mean-subtracted RGB 1x3x96x96 -> fc6 (before ReLU)."""
     caffe = import_caffe()

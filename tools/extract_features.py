@@ -39,7 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.nets import MEAN_RGB, NET_NAMES
+from ctxpred.nets import MEAN_RGB, NET_NAMES, snapshot_param
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_SUFFIXES = (".h5", ".hdf5", ".npy")
@@ -119,7 +119,8 @@ def main(argv=None):
     from ctxpred.images import open_source
 
     try:
-        extractor = features.FeatureExtractor(args.deploy, args.weights, args.layer, args.batch)
+        extractor = features.FeatureExtractor(args.deploy, args.weights, args.layer, args.batch,
+                                               train_param=snapshot_param(args.net))
         if listed:
             runs = features.read_patch_list(args.patches, args.images)
             total = len(runs)

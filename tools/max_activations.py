@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.nets import NET_NAMES
+from ctxpred.nets import NET_NAMES, snapshot_param
 
 REPO = Path(__file__).resolve().parents[1]
 K = 9
@@ -224,7 +224,8 @@ def main(argv=None):
         fields = {layer: receptive_fields(param, layer) for layer in args.layers}
         order = {top: index for index, layer in enumerate(param.layer) for top in layer.top}
         deepest = max(args.layers, key=order.get)
-        extractor = FeatureExtractor(args.deploy, args.weights, deepest, args.batch)
+        extractor = FeatureExtractor(args.deploy, args.weights, deepest, args.batch,
+                                     train_param=snapshot_param(args.net))
         units = {layer: min(args.units or np.inf, extractor.net.blobs[layer].data.shape[1])
                  for layer in args.layers}
         settings = {"images": args.images, "seed": args.seed, "per_image": args.per_image,

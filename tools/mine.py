@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
 from ctxpred.mining import MATCH_RULES
-from ctxpred.nets import NET_NAMES, PATCH
+from ctxpred.nets import NET_NAMES, PATCH, snapshot_param
 from ctxpred.search import EXACT_THRESHOLD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +171,8 @@ def extract(args, source, path):
             if {key: file.attrs.get(key) for key in settings} == settings:
                 print(f"reusing {path}")
                 return
-    extractor = FeatureExtractor(args.deploy, args.weights, args.layer, args.batch)
+    extractor = FeatureExtractor(args.deploy, args.weights, args.layer, args.batch,
+                                 train_param=snapshot_param(args.net))
     items = sampled_patches(source, "grid", max_pixels=args.max_pixels, patch=extractor.patch,
                             step=args.stride)
     with open_feature_writer(path, extractor.dim, settings) as writer:

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.nets import NET_NAMES
+from ctxpred.nets import NET_NAMES, snapshot_param
 from ctxpred.search import EXACT_THRESHOLD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def extract(source, args, net, weights, path):
     from ctxpred import features
 
     extractor = features.FeatureExtractor(REPO / "prototxt" / net / "deploy.prototxt", weights,
-                                          args.layer, args.batch)
+                                          args.layer, args.batch, train_param=snapshot_param(net))
     items = features.sampled_patches(source, "random", args.patches_per_image, args.seed,
                                      args.max_pixels)
     with features.open_feature_writer(path, extractor.dim) as writer:

@@ -16,11 +16,12 @@ first, its accuracy minus the first net's with a 95% bootstrap interval
 that resamples whole images (--resamples, seeded).
 
 BatchNorm: the deploy prototxt has no BatchNorm layers. A snapshot of a
-BatchNorm training net holds bn3..bn6, which the deploy net would ignore;
---train-prototxt folds them into conv3..fc6 first (ctxpred.surgery
-.fold_batchnorm), which needs statistics gathered under the snapshot's own
-weights (e.g. runs/demo/*_eval.caffemodel, written by the demo with
-ctxpred.training.recompute_batchnorm_statistics).
+BatchNorm training net holds bn3..bn6; they are folded into conv3..fc6
+first (ctxpred.surgery.fold_batchnorm, using --train-prototxt or the
+training net of --net). That needs statistics gathered under the
+snapshot's own weights (e.g. runs/demo/*_eval.caffemodel, written by the
+demo with ctxpred.training.recompute_batchnorm_statistics); BatchNorm
+layers without statistics are ignored.
 
 Example (the demo's trained net against its initialisation):
   python tools/neighbour_proxy.py --images data/photos/heldout --per-image 16 \\
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.nets import NET_NAMES
+from ctxpred.nets import NET_NAMES, snapshot_param
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,8 @@ def parse_args(argv):
                              "(default: %(default)s)")
     parser.add_argument("--train-prototxt", default=None,
                         help="training prototxt of the weights: fold its BatchNorm layers into "
-                             "the layers before them (default: no folding)")
+                             "the layers before them (default: the training net of --net as "
+                             "ctxpred generates it)")
     parser.add_argument("--layer", default="fc6",
                         help="blob whose features are compared (default: %(default)s, before "
                              "its ReLU)")
@@ -99,15 +101,6 @@ def parse_args(argv):
     return args
 
 
-def deploy_weights(path, train_param):
-    """{layer: arrays} of ``path``, BatchNorm folded in by ``train_param`` (NetParameter) if set."""
-    from ctxpred.surgery import fold_batchnorm
-    from ctxpred.weights import read_weights
-
-    weights = read_weights(path)
-    return weights if train_param is None else fold_batchnorm(weights, train_param)
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -126,11 +119,12 @@ def main(argv=None):
         augmentation = Augmentation(args.max_shift, args.max_scale, args.colour_gain)
         pairs = retrieval_pairs(open_source(args.images), args.per_image, augmentation,
                                 args.seed, args.max_pixels)
-        train_param = read_net_param(args.train_prototxt) if args.train_prototxt else None
+        train_param = (read_net_param(args.train_prototxt) if args.train_prototxt
+                       else snapshot_param(args.net))
         ranks = []
         for path in args.weights:
-            extractor = FeatureExtractor(deploy, deploy_weights(path, train_param), args.layer,
-                                         args.batch)
+            extractor = FeatureExtractor(deploy, path, args.layer, args.batch,
+                                         train_param=train_param)
             if extractor.ignored_layers:
                 print(f"{path}: layers not in the deploy net, ignored: "
                       f"{', '.join(extractor.ignored_layers)}")
