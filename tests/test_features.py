@@ -289,3 +289,30 @@ def test_dense_net_is_not_patchwise_even_without_normalisation(caffe, weights, e
     expected = patchwise.forward(start="conv1")["fc6"][0]
     centre = dense_net.net.blobs["fc6"].data[0, :, 1, 1]
     assert np.abs(centre - expected).max() > 0.05 * np.abs(expected).max()
+
+
+def test_snapshot_batchnorm_is_folded_into_the_deploy_net(caffe, tmp_path, rng):
+    """fc6 of a BatchNorm snapshot equals the TEST phase of the net with its BatchNorm layers."""
+    from ctxpred.nets import NetOptions, deploy_net, snapshot_param
+    with_bn = tmp_path / "deploy_bn.prototxt"
+    with_bn.write_text(str(deploy_net("color_dropping", NetOptions(batchnorm=True))))
+    caffe.set_random_seed(3)
+    net = caffe.Net(str(with_bn), caffe.TEST)
+    for name, layer in net.params.items():
+        if name.startswith("bn"):
+            channels = layer[0].data.shape[0]
+            layer[0].data[...] = rng.normal(0, 0.5, channels)
+            layer[1].data[...] = rng.uniform(0.5, 2, channels)
+            layer[2].data[...] = 1.0
+    snapshot = tmp_path / "snapshot.caffemodel"
+    net.save(str(snapshot))
+    patches = rng.integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+    reference = FeatureExtractor(with_bn, snapshot).extract(patches)
+    deploy = REPO / "prototxt" / "color_dropping" / "deploy.prototxt"
+    folded = FeatureExtractor(deploy, snapshot, train_param=snapshot_param("color_dropping"))
+    assert folded.ignored_layers == []
+    assert np.allclose(folded.extract(patches), reference, rtol=1e-4,
+                       atol=1e-4 * np.abs(reference).max())
+    ignored = FeatureExtractor(deploy, snapshot)
+    assert {"bn3", "bn6"} <= set(ignored.ignored_layers)
+    assert not np.allclose(ignored.extract(patches), reference, atol=1e-2)
