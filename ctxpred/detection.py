@@ -192,6 +192,21 @@ def build_roidb(dataset, split, proposals_path, classes, config=DetectionConfig(
     return roidb
 
 
+def usable_entries(roidb, config=DetectionConfig()):
+    """The entries with a RoI to sample, and how many were dropped (Fast R-CNN's filter_roidb).
+
+    An entry has one when some box overlaps an object by fg_thresh or more,
+    or lies in the background range [bg_thresh_lo, bg_thresh_hi); an image
+    without objects has neither when bg_thresh_lo > 0.
+    """
+    def usable(entry):
+        overlaps = entry.max_overlaps
+        return bool(np.any(overlaps >= config.fg_thresh)
+                    or np.any((overlaps < config.bg_thresh_hi) & (overlaps >= config.bg_thresh_lo)))
+    kept = [entry for entry in roidb if usable(entry)]
+    return kept, len(roidb) - len(kept)
+
+
 def target_statistics(roidb, num_classes):
     """Per-class means and standard deviations (num_classes, 4) of the regression targets."""
     targets = np.vstack([entry.targets for entry in roidb])

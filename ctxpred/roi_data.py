@@ -45,7 +45,8 @@ import numpy as np
 
 from ctxpred.caffe_env import import_caffe
 from ctxpred.detection import (DatasetError, DetectionConfig, build_roidb, image_blob,
-                               normalised_targets, read_classes, sample_rois, target_statistics)
+                               normalised_targets, read_classes, sample_rois, target_statistics,
+                               usable_entries)
 
 caffe = import_caffe()
 
@@ -103,8 +104,16 @@ class RoIData(caffe.Layer):
         options, self.config = parse_param_str(self.param_str)
         self.classes = options.get("classes") or read_classes(options["dataset"])
         self.num_classes = len(self.classes) + 1
-        self.roidb = build_roidb(options["dataset"], options["split"], options["proposals"],
-                                 self.classes, self.config)
+        roidb = build_roidb(options["dataset"], options["split"], options["proposals"],
+                            self.classes, self.config)
+        self.roidb, dropped = usable_entries(roidb, self.config)
+        if dropped:
+            print(f"RoIData: {dropped} of {len(roidb)} roidb entries of {options['dataset']} "
+                  f"split {options['split']!r} have no foreground or background RoI and are "
+                  "left out", flush=True)
+        if not self.roidb:
+            raise DatasetError(f"no image of {options['dataset']} split {options['split']!r} "
+                               "has a RoI to train on")
         self.bbox_means, self.bbox_stds = target_statistics(self.roidb, self.num_classes)
         normalised_targets(self.roidb, self.bbox_means, self.bbox_stds)
         self.rng = np.random.default_rng(int(options["seed"]))

@@ -7,7 +7,7 @@ import skimage.data
 
 from ctxpred.detection import (DatasetError, DetectionConfig, apply_box_deltas, box_targets,
                                build_roidb, class_detections, read_classes, sample_rois,
-                               unnormalised_bbox_weights)
+                               unnormalised_bbox_weights, usable_entries)
 from ctxpred.proposals import ProposalError, load_proposals, save_proposals, selective_search
 from ctxpred.synthetic_scenes import CutoutError, compose_scene, paste, trim_cutout
 from ctxpred.voc import AnnotationError, box_iou
@@ -204,3 +204,27 @@ def test_roi_data_rejects_unknown_settings(caffe, tiny_detection_set, tmp_path):
         parse_param_str(json.dumps(dict(dataset="x", batchsize=4)))
     with pytest.raises(ValueError, match="needs a \"dataset\""):
         parse_param_str("{}")
+
+
+def test_images_without_rois_are_dropped_with_a_count(caffe, tiny_detection_set, tmp_path,
+                                                      capsys):
+    import shutil
+    from PIL import Image
+
+    from ctxpred.voc import Annotation, write_annotation
+    root = tmp_path / "set"
+    shutil.copytree(tiny_detection_set, root)
+    Image.fromarray(np.full((120, 160, 3), 90, np.uint8)).save(root / "JPEGImages" / "empty.jpg")
+    write_annotation(Annotation("empty.jpg", 160, 120, ()), root / "Annotations" / "empty.xml")
+    with (root / "ImageSets" / "Main" / "trainval.txt").open("a") as listing:
+        listing.write("empty\n")
+    stored = dict(np.load(root / "proposals.npz"))
+    save_proposals(root / "proposals.npz", {**stored, "empty": np.array([[1, 1, 50, 50]])})
+    roidb = build_roidb(root, "trainval", root / "proposals.npz", read_classes(root))
+    assert len(roidb) == 18
+    kept, dropped = usable_entries(roidb)
+    assert dropped == 2 and all(entry.image.endswith("empty.jpg") is False for entry in kept)
+    net = _data_net(caffe, tmp_path, dict(dataset=str(root), scales=[160], max_size=240,
+                                          ims_per_batch=1, batch_size=16))
+    assert len(net.layers[0].roidb) == 16
+    assert "2 of 18 roidb entries" in capsys.readouterr().out
