@@ -112,3 +112,12 @@ def test_tool_trains_and_prints_the_ap_table(caffe, tiny_detection_set, random_i
                    "--max-size", "240", "--ims-per-batch", "1", "--batch-size", "32").stdout
     assert "AP(area)" in out and "AP(11pt)" in out and "rocket" in out and "mean" in out
     assert (tmp_path / "final.caffemodel").is_file()
+
+
+def test_help_explains_every_flag():
+    out = run_tool("train_detector", "--help").stdout
+    for flag in ("--dataset", "--init", "--out", "--model", "--iters", "--scales", "--max-size",
+                 "--ims-per-batch", "--batch-size", "--base-lr", "--stepsize", "--train-split",
+                 "--test-split", "--proposals", "--seed", "--test-only"):
+        assert flag in out, flag
+    assert "quit" in out and "resumes" in out and "prepare_detection_init.py" in out
