@@ -77,13 +77,18 @@ def solver_text(run, train_path, snapshot_prefix):
             "solver_mode: CPU\n")
 
 
-def write_run_files(run_dir, run):
-    """Write run.json and the run's prototxts; returns the solver path."""
+def write_run_files(run_dir, run, start_iteration=0):
+    """Write run.json and the run's prototxts; returns the solver path.
+
+    The data layer's seed is ``run.seed + start_iteration``, so that a
+    resumed run draws new minibatches instead of replaying the first ones.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     classes = read_classes(run.dataset)
     data_params = dict(dataset=run.dataset, split=run.train_split,
-                       proposals=run.proposals_path, seed=run.seed, **run.detection)
+                       proposals=run.proposals_path, seed=run.seed + start_iteration,
+                       **run.detection)
     num_classes = len(classes) + 1
     (run_dir / "train.prototxt").write_text(str(train_net(run.model, "ctxpred", num_classes,
                                                            data_params)))
@@ -117,8 +122,8 @@ def train_detector(caffe, run_dir, run, progress=None, log=print):
     progress(row) is called after each step with the train.log row.
     """
     run_dir = Path(run_dir)
-    solver = caffe.get_solver(str(write_run_files(run_dir, run)))
     resume = latest_snapshot(run_dir)
+    solver = caffe.get_solver(str(write_run_files(run_dir, run, resume[0] if resume else 0)))
     if resume:
         solver.restore(str(resume[1]))
         log(f"resuming from {resume[1]} (iteration {solver.iter})")

@@ -76,6 +76,10 @@ def test_train_resume_fold_and_test(caffe, tiny_detection_set, random_init, tmp_
     train_detector(caffe, tmp_path, longer, log=messages.append)
     assert any("resuming from" in message and "model_iter_3" in message for message in messages)
     assert read_train_log(tmp_path / "train.log")["iter"].tolist() == [1, 2, 3, 4, 5]
+    from caffe.proto import caffe_pb2
+    train_param = text_format.Merge((tmp_path / "train.prototxt").read_text(),
+                                    caffe_pb2.NetParameter())
+    assert json.loads(train_param.layer[0].python_param.param_str)["seed"] == 3 + 3  # resumed at 3
 
     # final.caffemodel's bbox_pred answers unnormalised deltas: raw * std + mean.
     train = caffe.Net(str(tmp_path / "train.prototxt"), str(tmp_path / "model_iter_5.caffemodel"),
