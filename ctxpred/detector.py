@@ -19,6 +19,7 @@ current step with a snapshot (:class:`ctxpred.training.StopRequests`).
 """
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -209,3 +210,56 @@ def plot_precision_recall(evaluation, classes, path):
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def read_detections(run_dir):
+    """detections.json of a run: {class name: [(image id, score, VOC box)]}."""
+    path = Path(run_dir, "detections.json")
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read detections {path} (run tools/train_detector.py "
+                         f"--test-only first): {error}") from error
+    return {name: [(image_id, score, tuple(box)) for image_id, score, box in rows]
+            for name, rows in stored.items()}
+
+
+def _resampled(detections, annotations, picks):
+    """Detections and annotations of the images ``picks`` (ids, repeats renamed id#k)."""
+    names = [f"{image_id}#{k}" for k, image_id in enumerate(picks)]
+    renamed = {}
+    for name, image_id in zip(names, picks):
+        renamed.setdefault(image_id, []).append(name)
+    sampled = {name: annotations[image_id] for name, image_id in zip(names, picks)}
+    return ({cls: [(new, score, box) for image_id, score, box in rows
+                   for new in renamed.get(image_id, ())]
+             for cls, rows in detections.items()}, sampled)
+
+
+def map_difference(first, second, annotations, classes, resamples=1000, seed=0,
+                   use_07_metric=False):
+    """mAP(second) - mAP(first) on the same test images, with a 95% bootstrap interval.
+
+    first, second: detections of two runs ({class: [(image id, score, box)]});
+    annotations: {image id: Annotation} of the test split. Test images are
+    resampled with replacement (seeded), both runs on the same resample, so
+    the interval reflects which images happen to be in the test set.
+    Returns (difference, low, high).
+    """
+    def mean_ap(detections, sampled):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a resample may lack a class: left out of the mAP
+            return evaluate_detections(detections, sampled, classes,
+                                       use_07_metric=use_07_metric)["mAP"]
+
+    ids = list(annotations)
+    difference = mean_ap(second, annotations) - mean_ap(first, annotations)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(resamples):
+        picks = [ids[i] for i in rng.integers(0, len(ids), len(ids))]
+        a, sampled = _resampled(first, annotations, picks)
+        b, _ = _resampled(second, annotations, picks)
+        samples.append(mean_ap(b, sampled) - mean_ap(a, sampled))
+    low, high = np.nanpercentile(samples, [2.5, 97.5])
+    return float(difference), float(low), float(high)

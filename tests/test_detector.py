@@ -125,3 +125,27 @@ def test_help_explains_every_flag():
                  "--test-split", "--proposals", "--seed", "--test-only"):
         assert flag in out, flag
     assert "quit" in out and "resumes" in out and "prepare_detection_init.py" in out
+
+
+def test_map_difference_and_the_compare_tool(tiny_detection_set, tmp_path):
+    from ctxpred.detection import read_classes
+    from ctxpred.detector import map_difference, read_detections
+    from ctxpred.voc import read_dataset
+    classes = read_classes(tiny_detection_set)
+    annotations = dict(read_dataset(tiny_detection_set, "test", classes))
+    perfect = {name: [(image_id, 1.0, obj.box) for image_id, annotation in annotations.items()
+                      for obj in annotation.objects if obj.name == name] for name in classes}
+    shifted = {name: [(image_id, score, (x1 + 40, y1 + 40, x2 + 40, y2 + 40))
+                      for image_id, score, (x1, y1, x2, y2) in rows]
+               for name, rows in perfect.items()}           # IoU < 0.5: all false positives
+    assert map_difference(perfect, perfect, annotations, classes, resamples=50) == (0, 0, 0)
+    difference, low, high = map_difference(shifted, perfect, annotations, classes, resamples=50)
+    assert difference == pytest.approx(1) and low == pytest.approx(1) and high == pytest.approx(1)
+    for name, found in (("a", shifted), ("b", perfect)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "detections.json").write_text(json.dumps(found))
+    assert read_detections(tmp_path / "b") == {k: [(i, s, tuple(b)) for i, s, b in v]
+                                              for k, v in perfect.items()}
+    out = run_tool("compare_detectors", str(tmp_path / "a"), str(tmp_path / "b"), "--dataset",
+                   str(tiny_detection_set), "--resamples", "20").stdout
+    assert "mAP difference (b - a): +100.0 points" in out and "[+100.0, +100.0]" in out
