@@ -659,6 +659,10 @@ class NetUnderInit:
         diffs = self.output_diffs(rng)
         input_scales = {}
         output_std = self._calibration_pass(input_scales)
+        if not output_std > 0:
+            raise MagicInitError(f"the net's output does not vary over the calibration batch "
+                                 f"(mean per-channel std {output_std:g}): -cs needs a batch of "
+                                 "several different images (-bs 2 or more)")
         ratios = before = self.gradient_ratios(diffs)
         factors = dict.fromkeys(ratios, 1.0)
         rounds = 0

@@ -363,6 +363,19 @@ def test_unusable_nets_and_inputs_fail_with_clear_messages(caffe, photos, tmp_pa
     assert not (tmp_path / "o.caffemodel").exists()
 
 
+def test_calibration_on_one_image_fails_clearly(caffe, photos, tmp_path):
+    n = caffe.NetSpec()
+    n.data = caffe.layers.Input(shape=dict(dim=[1, 3, SIDE, SIDE]))
+    n.conv = caffe.layers.Convolution(n.data, num_output=4, kernel_size=3)
+    n.fc = caffe.layers.InnerProduct(n.conv, num_output=3)
+    prototxt = write(tmp_path / "fc.prototxt", n.to_proto())
+    one = photos.replace("*.jpg", "astronaut.jpg")
+    result, = run_tools(["-q", "-cs", "-d", one, "-bs", 1, "-nit", 1, prototxt,
+                         tmp_path / "o.caffemodel"])
+    assert result.returncode == 2 and "does not vary over the calibration batch" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o.caffemodel").exists()
+
+
 def test_help_and_flags():
     spec = importlib.util.spec_from_file_location("magic_init_tool", TOOL)
     tool = importlib.util.module_from_spec(spec)
