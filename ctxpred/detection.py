@@ -229,17 +229,17 @@ def unnormalised_bbox_weights(weight, bias, means, stds):
     return weight * stds.reshape(-1, 1), bias * stds.reshape(-1) + means.reshape(-1)
 
 
-def image_blob(images, config, scale, max_size):
+def image_blob(images, config, scale):
     """Images (list of BGR uint8 (H, W, 3)) -> blob (N, 3, H', W') float32 and their scales.
 
     Each image is mean-subtracted and resized so that its shorter side is
-    ``scale`` pixels unless its longer side would exceed ``max_size``;
+    ``scale`` pixels unless its longer side would exceed ``config.max_size``;
     smaller images are zero-padded at the bottom right.
     """
     resized, scales = [], []
     for image in images:
         short, long = min(image.shape[:2]), max(image.shape[:2])
-        factor = min(scale / short, max_size / long)
+        factor = min(scale / short, config.max_size / long)
         pixels = image.astype(np.float32) - np.array(config.pixel_means, np.float32)
         resized.append(cv2.resize(pixels, None, fx=factor, fy=factor,
                                   interpolation=cv2.INTER_LINEAR))
@@ -275,10 +275,10 @@ def sample_rois(entry, rois_per_image, num_classes, config, rng):
     targets = entry.targets[keep]
     bbox_targets = np.zeros((len(keep), 4 * num_classes), np.float32)
     weights = np.zeros_like(bbox_targets)
-    for row in np.flatnonzero((targets[:, 0] > 0) & (labels > 0)):
-        cls = int(targets[row, 0])
-        bbox_targets[row, 4 * cls:4 * cls + 4] = targets[row, 1:]
-        weights[row, 4 * cls:4 * cls + 4] = 1.0
+    rows = np.flatnonzero((targets[:, 0] > 0) & (labels > 0))
+    columns = 4 * targets[rows, 0:1].astype(np.int64) + np.arange(4)
+    bbox_targets[rows[:, None], columns] = targets[rows, 1:]
+    weights[rows[:, None], columns] = 1.0
     return entry.boxes[keep], labels, bbox_targets, weights
 
 
@@ -300,7 +300,7 @@ def detect(net, image, boxes, config, cls_blob="cls_prob", bbox_blob="bbox_pred"
     (K, 4C), clipped to the image.
     """
     height, width = image.shape[:2]
-    per_scale = [image_blob([image], config, scale, config.max_size) for scale in config.scales]
+    per_scale = [image_blob([image], config, scale) for scale in config.scales]
     factors = np.array([factor[0] for _, factor in per_scale])
     areas = ((boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1))[:, None]
     level = np.abs(areas * factors[None, :] ** 2 - 224 * 224).argmin(axis=1)

@@ -239,8 +239,8 @@ class FeatureExtractor:
         source = "the given weights" if isinstance(weights, dict) else str(weights)
         weights = weights if isinstance(weights, dict) else read_weights(weights)
         unfolded = []
-        batchnorms = {layer.name for layer in getattr(train_param, "layer", ())
-                      if layer.type == "BatchNorm"}
+        batchnorms = set() if train_param is None else {
+            layer.name for layer in train_param.layer if layer.type == "BatchNorm"}
         present = sorted(batchnorms.intersection(weights))
         if any(weights[name][2].size == 1 and weights[name][2].item() == 0 for name in present):
             unfolded = present

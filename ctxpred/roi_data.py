@@ -143,7 +143,7 @@ class RoIData(caffe.Layer):
         images = [self.cache.get(entry.image) for entry in entries]
         images = [image[:, ::-1] if entry.flipped else image
                   for image, entry in zip(images, entries)]
-        data, factors = image_blob(images, self.config, scale, self.config.max_size)
+        data, factors = image_blob(images, self.config, scale)
         rois_per_image = self.config.batch_size // self.config.ims_per_batch
         parts = [sample_rois(entry, rois_per_image, self.num_classes, self.config, self.rng)
                  for entry in entries]

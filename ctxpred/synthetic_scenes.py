@@ -48,15 +48,6 @@ def trim_cutout(rgba, name="cut-out"):
     return rgba[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
 
 
-def resize_cutout(rgba, longer_side):
-    """Scale a cut-out so that its longer side is ``longer_side`` pixels (aspect kept)."""
-    height, width = rgba.shape[:2]
-    scale = longer_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(rgba, size, interpolation=interpolation)
-
-
 def paste(image, rgba, top, left):
     """Alpha-blend ``rgba`` into ``image`` (in place) with its corner at (top, left).
 
@@ -110,7 +101,7 @@ def compose_scene(background, cutouts, rng, size_range=(0.25, 0.55), max_overlap
         if rng.random() < 0.5:
             rgba = rgba[:, ::-1]
         side = max(8, round(rng.uniform(*size_range) * min(height, width)))
-        rgba = resize_cutout(rgba, side)
+        rgba = fit_longer_side(rgba, side)
         rows, columns = rgba.shape[:2]
         for _ in range(tries):
             top = int(rng.integers(0, height - rows + 1))
@@ -123,7 +114,7 @@ def compose_scene(background, cutouts, rng, size_range=(0.25, 0.55), max_overlap
 
 
 def fit_longer_side(image, longer_side):
-    """Resize an (H, W, 3) image so that its longer side is ``longer_side`` pixels."""
+    """Resize an (H, W, C) image so that its longer side is ``longer_side`` pixels (aspect kept)."""
     height, width = image.shape[:2]
     scale = longer_side / max(height, width)
     if scale == 1:

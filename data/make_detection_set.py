@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_collection import (CollectionError, default_cache_dir, fetch_package,  # noqa: E402
-                             make_collection, remove_stale_builds, replace_folder)
+                             make_collection, read_manifest, remove_stale_builds,
+                             replace_folder)
 
 from ctxpred.proposals import compute_proposals, save_proposals  # noqa: E402
 from ctxpred.synthetic_scenes import compose_scene, fit_longer_side, trim_cutout  # noqa: E402
@@ -121,13 +122,6 @@ def recipe_digest(args, stamps_version, photos_recipe) -> str:
                   classes=CLASS_FOLDERS, seed=args.seed, trainval=args.trainval,
                   test=args.test, longer_side=args.longer_side)
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def read_manifest(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def build(args) -> tuple[dict, bool]:
