@@ -2,6 +2,12 @@
 #   make test   set up whatever is missing, then run the test suite
 #   make demo   set up whatever is missing, then train and evaluate the demo
 PYTHON ?= python3
+# CUDA=1 builds and links the CUDA Caffe instead of the CPU one (both stay in
+# the cache; the venv uses the one last set up). CUDA_ARCH=90 limits the GPU
+# architectures built (see tools/build_caffe.sh --help).
+CUDA      ?=
+CUDA_ARCH ?=
+CAFFE_FLAGS := $(if $(CUDA),--cuda) $(if $(CUDA_ARCH),--cuda-arch "$(CUDA_ARCH)")
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -12,6 +18,7 @@ help:
 	@echo "make test    set up (Debian packages, .venv, Caffe, photos), run the tests"
 	@echo "make demo    set up, then run the demo"
 	@echo "make setup   only set up"
+	@echo "  CUDA=1 [CUDA_ARCH=90] with any of them: use the CUDA build of Caffe"
 	@echo "make prototxt  regenerate prototxt/ from ctxpred's net definitions"
 
 setup: venv caffe data
@@ -26,7 +33,7 @@ $(STAMP): setup.py
 	@touch $@
 
 caffe: $(STAMP)
-	@tools/build_caffe.sh --python $(PY) >/dev/null
+	@tools/build_caffe.sh --python $(PY) $(CAFFE_FLAGS) >/dev/null
 
 data: $(STAMP)
 	@$(PY) data/make_collection.py

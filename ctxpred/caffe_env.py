@@ -4,9 +4,11 @@ Every module that needs Caffe calls :func:`load_caffe` instead of importing
 ``caffe`` itself, so that the error for a missing build, glog's verbosity and
 the CPU / GPU choice are handled in one place.
 """
+import ctypes
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 
 SETUP_COMMAND = "make setup"
 
@@ -56,14 +58,81 @@ def load_caffe(gpu=None, quiet=True):
     if gpu is None:
         caffe.set_mode_cpu()
     else:
-        if not caffe_has_cuda():
-            raise CaffeNotAvailable(
-                f"GPU {gpu} was requested, but this Caffe is a CPU-only build. "
-                "Rebuild with `tools/build_caffe.sh --cuda` on a machine with "
-                "CUDA, or drop --gpu to train on the CPU.")
+        status = gpu_status(int(gpu))
+        if not status.usable:
+            raise CaffeNotAvailable(f"GPU {gpu} was requested, but {status.reason}")
         caffe.set_device(int(gpu))
         caffe.set_mode_gpu()
     return caffe
+
+
+# The oldest Linux driver each CUDA major version runs on (NVIDIA's release notes).
+_MIN_DRIVER = {12: "525", 13: "580"}
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    """Whether the loaded Caffe can run on a GPU here, and if not, why.
+
+    runtime_version, driver_version: CUDA versions as "major.minor" ("" when
+    unknown or absent); device_count: visible CUDA devices (0 when unknown).
+    """
+    usable: bool
+    reason: str
+    runtime_version: str = ""
+    driver_version: str = ""
+    device_count: int = 0
+
+
+def _cuda_version(number):
+    return f"{number // 1000}.{number % 1000 // 10}" if number > 0 else ""
+
+
+def gpu_status(device=0):
+    """Check, without letting Caffe abort, that CUDA device ``device`` is usable.
+
+    Asks the CUDA runtime that the loaded Caffe is linked against (found in
+    this process's mapped libraries) for its version, the driver's version
+    and the device count. Caffe's own checks would end the process with a
+    C++ check failure when no driver or GPU is present; this answers with a
+    :class:`GpuStatus` whose ``reason`` is one line for the user.
+    """
+    import_caffe()
+    cudart = _mapped_library("libcudart")
+    if cudart is None:
+        return GpuStatus(False, "this Caffe is a CPU-only build. Rebuild with "
+                                "`make setup CUDA=1` (tools/build_caffe.sh --cuda), "
+                                "or drop --gpu to run on the CPU.")
+    runtime = ctypes.CDLL(cudart)
+    runtime_number, driver_number, count = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+    runtime.cudaRuntimeGetVersion(ctypes.byref(runtime_number))
+    runtime.cudaDriverGetVersion(ctypes.byref(driver_number))
+    runtime_version = _cuda_version(runtime_number.value)
+    driver_version = _cuda_version(driver_number.value)
+    needs = _MIN_DRIVER.get(runtime_number.value // 1000)
+    needs_text = f" (needs an NVIDIA driver >= {needs})" if needs else ""
+    if driver_number.value == 0:
+        return GpuStatus(False, f"no NVIDIA driver is present on this machine: this Caffe "
+                                f"was built with CUDA {runtime_version}{needs_text}. Drop --gpu "
+                                "to run on the CPU.", runtime_version)
+    if driver_number.value < runtime_number.value:
+        return GpuStatus(False, f"the NVIDIA driver supports CUDA up to {driver_version}, "
+                                f"older than the CUDA {runtime_version} this Caffe was built "
+                                f"with{needs_text}: update the driver, or rebuild Caffe with "
+                                f"CUDA {driver_version}.", runtime_version, driver_version)
+    code = runtime.cudaGetDeviceCount(ctypes.byref(count))
+    if code != 0:
+        runtime.cudaGetErrorString.restype = ctypes.c_char_p
+        message = runtime.cudaGetErrorString(code).decode(errors="replace")
+        return GpuStatus(False, f"no usable GPU: the CUDA runtime says '{message}' "
+                                f"(error {code}).", runtime_version, driver_version)
+    if not 0 <= device < count.value:
+        return GpuStatus(False, f"only {count.value} GPU(s) are visible (devices "
+                                f"0..{count.value - 1}).", runtime_version, driver_version,
+                         count.value)
+    return GpuStatus(True, f"GPU {device} of {count.value}, CUDA runtime {runtime_version}, "
+                           f"driver {driver_version}", runtime_version, driver_version,
+                     count.value)
 
 
 def caffe_has_cuda():
@@ -72,8 +141,17 @@ def caffe_has_cuda():
     Reads the shared objects mapped into this process, so it answers for the
     Caffe actually loaded, whoever built it. Call after importing caffe.
     """
+    return _mapped_library("libcudart") is not None
+
+
+def _mapped_library(prefix):
+    """Path of the first shared object named ``prefix*`` mapped into this process."""
     try:
         with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-            return any("libcudart" in line for line in maps)
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(path).startswith(prefix):
+                    return path
     except OSError:
-        return False
+        pass
+    return None

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from ctxpred.caffe_env import CaffeNotAvailable, caffe_has_cuda, load_caffe
+from ctxpred.caffe_env import CaffeNotAvailable, caffe_has_cuda, gpu_status, load_caffe
 from ctxpred.weights import read_weights
 
 
@@ -14,11 +14,29 @@ def write_net(tmp_path, net_spec, name="net.prototxt"):
     return str(path)
 
 
-def test_load_caffe_is_cpu_build_and_refuses_gpu(caffe):
+def test_load_caffe_refuses_an_unusable_gpu_in_one_line(caffe, tmp_path):
+    """CPU build, or CUDA build on a machine without driver/GPU: an error, never an abort."""
     assert caffe.__version__.startswith("1.0")
-    assert caffe_has_cuda() is False
-    with pytest.raises(CaffeNotAvailable, match="CPU-only build"):
+    status = gpu_status(0)
+    if status.usable:
+        pytest.fail("these tests expect a machine without a usable GPU (CI has none)")
+    if caffe_has_cuda():
+        assert status.runtime_version.split(".")[0] in ("12", "13")
+        expected = "no NVIDIA driver|driver supports CUDA up to|no usable GPU|GPU\\(s\\) are visible"
+    else:
+        expected = "CPU-only build"
+    with pytest.raises(CaffeNotAvailable, match=expected) as raised:
         load_caffe(gpu=0)
+    assert "\n" not in str(raised.value)
+    # CPU mode still works after the refusal.
+    n = caffe.NetSpec()
+    n.data = caffe.layers.Input(shape=dict(dim=[2, 3]))
+    n.out = caffe.layers.Power(n.data, scale=2.0)
+    load_caffe(gpu=None)
+    spec = caffe.Net(write_net(tmp_path, n), caffe.TEST)
+    spec.blobs["data"].data[...] = 1.5
+    assert np.all(spec.forward()["out"] == 3.0)
+
 
 
 def test_net_from_prototxt_inner_product(caffe, tmp_path, rng):
