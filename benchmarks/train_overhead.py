@@ -44,7 +44,7 @@ def caffe_time(prototxt, iterations):
 def loop_step_time(caffe, run_dir, iterations, warmup):
     """Mean seconds per step of ctxpred's training loop, after ``warmup`` steps."""
     train(caffe, run_dir / "solver.prototxt", run_dir, max_iter=warmup + iterations,
-          plot_every=10 ** 9, log=lambda *_: None)
+          plot_seconds=None, log=lambda *_: None)
     log = read_log(run_dir / "train.log")
     return float(np.mean(log["step_s"][warmup:])), float(np.sum(log["data_wait_s"][warmup:]))
 

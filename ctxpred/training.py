@@ -3,17 +3,23 @@
 - A run lives in one folder: ``train.prototxt``, ``solver.prototxt``,
   ``model_iter_N.{caffemodel,solverstate}`` snapshots, ``events.log`` (resume,
   stop and divergence messages), ``train.log`` (one
-  tab-separated line per step) and ``training.png``.
-- Resume: the newest ``model_iter_N.solverstate`` in the folder is restored.
+  tab-separated line per step, buffered and written every few seconds and on
+  every stop) and ``training.png`` (redrawn on a wall-clock interval from a
+  running summary; see ctxpred.trainlog).
+- Resume: the newest ``model_iter_N.solverstate`` in the folder is restored;
+  train.log rows after its iteration are dropped.
 - Stop cleanly: SIGINT / SIGTERM, or a file named ``pause`` or ``quit`` in the
   folder, ends the loop after the current step with a snapshot.
+- Per-step work is O(1): nothing re-reads a file or grows with the run.
 - Divergence watch (reference): every 100 steps the norm of each non-BatchNorm
   parameter layer's weights and of their change since the last check are
   recorded; a change that is NaN or over 10x the previous one, a NaN or
   > 1e10 sum of fc8's weights, or a NaN or > 1e8 max |pool1 diff| stops
   training without snapshotting the bad state.
 """
+import collections
 import json
+import os
 import re
 import signal
 import time
@@ -24,8 +30,8 @@ import numpy as np
 
 from ctxpred.layers import PatchPairData, close_data_layers
 from ctxpred.nets import NetOptions, data_layer_params, solver_text, train_net
+from ctxpred.trainlog import LOG_COLUMNS, TrainLog, plot_log, plot_summary, read_log  # noqa: F401
 
-LOG_COLUMNS = ("iter", "loss_per_pair", "accuracy", "pairs", "patches", "data_wait_s", "step_s")
 STOP_FILES = ("pause", "quit")
 _SNAPSHOT = re.compile(r"model_iter_(\d+)\.solverstate$")
 
@@ -135,26 +141,28 @@ class StopRequests:
 class DivergenceWatch:
     """The reference's checks on weights and gradients, every ``every`` steps."""
 
-    def __init__(self, net, every=100):
+    def __init__(self, net, every=100, history=1000):
         self.net = net
         self.every = every
         self.layers = [name for name, layer in zip(net._layer_names, net.layers)
                        if name in net.params and layer.type != "BatchNorm"]
+        self._pool1 = net.blobs.get("pool1")
         self._last_weights = self._weights()
         self._last_change = None
-        self.history = []
+        self.history = collections.deque(maxlen=history)  # the latest checks
 
     def _weights(self):
         return {name: self.net.params[name][0].data.copy() for name in self.layers}
 
     def check(self, iteration):
         """Raises DivergenceError if the net diverged; records norms every ``every`` steps."""
-        if "pool1" in self.net.blobs:
-            pool1 = float(np.abs(self.net.blobs["pool1"].diff).max())
-            if not np.isfinite(pool1) or pool1 > 1e8:
-                raise DivergenceError(f"iteration {iteration}: max |pool1 diff| = {pool1}")
         if iteration % self.every:
             return
+        if self._pool1 is not None:
+            diff = self._pool1.diff
+            pool1 = float(max(diff.max(), -diff.min()))  # NaN propagates
+            if not np.isfinite(pool1) or pool1 > 1e8:
+                raise DivergenceError(f"iteration {iteration}: max |pool1 diff| = {pool1}")
         if "fc8" in self.net.params:
             fc8 = float(self.net.params["fc8"][0].data.sum())
             if not np.isfinite(fc8) or abs(fc8) > 1e10:
@@ -202,58 +210,156 @@ def recompute_batchnorm_statistics(caffe, train_prototxt, weights, out, batches=
 
 
 def _data_layer(net):
-    return next(layer for layer in net.layers if isinstance(layer, PatchPairData))
+    return next((layer for layer in net.layers if isinstance(layer, PatchPairData)), None)
 
 
-def append_log(log_path, row):
-    new = not Path(log_path).exists()
-    with open(log_path, "a", encoding="utf-8") as log:
-        if new:
-            log.write("\t".join(LOG_COLUMNS) + "\n")
-        log.write("\t".join(str(row[c]) for c in LOG_COLUMNS) + "\n")
+def default_workers(gpu, cpu_count=None):
+    """Loader processes for a run: 2 on the CPU; with a GPU, every core but one (the solver's)."""
+    if gpu is None:
+        return 2
+    if cpu_count is None:
+        try:
+            cpu_count = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpu_count = os.cpu_count() or 2
+    return max(1, cpu_count - 1)
 
 
-def read_log(log_path):
-    """train.log as {column: numpy array}."""
-    rows = np.loadtxt(log_path, delimiter="\t", skiprows=1, ndmin=2)
-    return {name: rows[:, index] for index, name in enumerate(LOG_COLUMNS)}
+def choose_device(request, status):
+    """Pick the device for a run: ``(gpu id or None, one line saying which and why)``.
+
+    request: "auto" (the GPU when usable, else the CPU), "gpu" or "cpu".
+    status: ``ctxpred.caffe_env.gpu_status()`` (``.usable``, ``.reason``).
+    Raises ValueError for "gpu" when no GPU is usable, naming the reason.
+    """
+    if request not in ("auto", "gpu", "cpu"):
+        raise ValueError(f"device must be auto, gpu or cpu, not {request!r}")
+    if request == "cpu":
+        return None, "CPU (asked for)"
+    if status.usable:
+        reason = status.reason.rstrip(".")
+        return 0, reason if reason.startswith("GPU 0") else f"GPU 0 ({reason})"
+    if request == "gpu":
+        raise ValueError(f"a GPU was asked for, but none is usable: {status.reason}")
+    return None, f"CPU (no usable GPU: {status.reason.rstrip('.')})"
 
 
-def plot_log(log_path, png_path, window=20):
-    """Loss per pair and accuracy against iteration (raw and running mean), as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def progress_printer(total, start, every_seconds=10.0, clock=time.monotonic):
+    """A progress callback: a tqdm bar on a terminal, else a line every ``every_seconds``.
 
-    log = read_log(log_path)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, column, label in ((axes[0], "loss_per_pair", "loss per pair"),
-                                (axes[1], "accuracy", "accuracy (train batch)")):
-        values = log[column]
-        axis.plot(log["iter"], values, alpha=0.35, lw=0.8, label="per step")
-        if len(values) >= window:
-            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            axis.plot(log["iter"][window - 1:], smooth, lw=2, label=f"mean of {window}")
-        axis.set_xlabel("iteration")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    axes[0].axhline(np.log(8), color="grey", ls="--", lw=1)
-    axes[1].axhline(1 / 8, color="grey", ls="--", lw=1)
-    fig.suptitle(f"{Path(log_path).parent.name}: dashed = chance")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    The line is printed for the first step and then at most every
+    ``every_seconds`` of wall clock, so a fast (GPU) run does not flood a log.
+    """
+    import sys
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
+
+        def show(row):
+            # tqdm redraws at most every mininterval; no forced refresh per step
+            bar.set_postfix(loss=f"{row['loss_per_pair']:.3f}", acc=f"{row['accuracy']:.3f}",
+                            wait=f"{row['data_wait_s']:.2f}s", refresh=False)
+            bar.update(1)
+        return show
+
+    last = [None]
+
+    def show(row):
+        now = clock()
+        if last[0] is None or now - last[0] >= every_seconds:
+            last[0] = now
+            print(f"iter {row['iter']}: loss/pair {row['loss_per_pair']:.4f} "
+                  f"acc {row['accuracy']:.3f} step {row['step_s']:.2f}s "
+                  f"wait {row['data_wait_s']:.2f}s", flush=True)
+    return show
 
 
-def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_every=50,
-          progress=None, log=print):
+class TrainingLoop:
+    """One training step and its bookkeeping, O(1) per step whatever the run's length.
+
+    Each :meth:`step` runs ``solver.step(1)``, builds the train.log row from
+    blobs looked up once (their shapes, never a copy of their data), runs the
+    divergence watch (its checks every ``watch_every`` steps), buffers the row
+    in :class:`ctxpred.trainlog.TrainLog` (written every ``flush_seconds``)
+    and redraws training.png from the log's running summary when
+    ``plot_seconds`` of wall clock have passed (None: only on :meth:`close`).
+    ``close`` flushes the log; call it on every stop.
+    """
+
+    def __init__(self, solver, run_dir, plot_seconds=60.0, flush_seconds=10.0, progress=None,
+                 stop=None, deadline=None, watch_every=100, clock=time.monotonic):
+        self.solver = solver
+        self.net = solver.net
+        self.run_dir = Path(run_dir)
+        self.png_path = self.run_dir / "training.png"
+        self.plot_seconds = plot_seconds
+        self.progress = progress
+        self.stop, self.deadline = stop, deadline
+        self._clock = clock
+        layer = _data_layer(self.net)
+        self._loader = layer.prefetcher if layer is not None else None
+        blobs = self.net.blobs
+        self._loss, self._accuracy = blobs["loss"], blobs["accuracy"]
+        self._label, self._data = blobs["label"], blobs["data"]
+        self.watch = DivergenceWatch(self.net, every=watch_every)
+        self.log = TrainLog(self.run_dir / "train.log", keep_through=solver.iter,
+                            flush_seconds=flush_seconds, clock=clock)
+        self._last_plot = clock()
+
+    def step(self):
+        """One solver step with its row logged and the stop conditions checked.
+
+        Returns the stop reason (the ``stop`` requests' reason, or "time
+        budget" once ``deadline``, a ``clock`` time, has passed), else None;
+        ``self.row`` is the step's row. Raises DivergenceError.
+        """
+        loader = self._loader
+        waited = loader.wait_seconds if loader is not None else 0.0
+        started = time.perf_counter()
+        self.solver.step(1)
+        step_s = time.perf_counter() - started
+        pairs = self._label.count
+        iteration = self.solver.iter
+        row = dict(iter=iteration, loss_per_pair=float(self._loss.data) / pairs,
+                   accuracy=float(self._accuracy.data), pairs=pairs, patches=self._data.num,
+                   data_wait_s=round((loader.wait_seconds if loader is not None else 0.0)
+                                     - waited, 4),
+                   step_s=round(step_s, 4))
+        self.watch.check(iteration)
+        self.log.append(row)
+        if self.progress:
+            self.progress(row)
+        if self.plot_seconds is not None and self._clock() - self._last_plot >= self.plot_seconds:
+            self.plot()
+        self.row = row
+        if self.stop is not None and self.stop.requested():
+            return self.stop.reason
+        if self.deadline is not None and self._clock() > self.deadline:
+            return "time budget"
+        return None
+
+    def plot(self):
+        """Redraw training.png from the running summary (cost independent of the run's length)."""
+        if self.log.summary.rows:
+            plot_summary(self.log.summary, self.png_path, self.run_dir.name)
+        self._last_plot = self._clock()
+
+    def close(self):
+        """Flush train.log and close it (idempotent)."""
+        self.log.close()
+
+
+def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_seconds=60.0,
+          flush_seconds=10.0, progress=None, log=print):
     """Run the solver until ``max_iter`` (or the time budget, or a stop request).
 
     Messages (resume, stop, divergence) go to ``log`` and, timestamped, to
-    ``events.log`` in the run folder. Returns a dict: final iteration, stop
-    reason, snapshot path, seconds. Raises DivergenceError after leaving the
-    last good snapshot in place.
+    ``events.log`` in the run folder. train.log is buffered and written every
+    ``flush_seconds`` and on every stop (normal, signal, divergence,
+    exception); training.png is redrawn every ``plot_seconds`` and at the
+    end. On resume, train.log rows after the restored iteration are dropped.
+    Returns a dict: final iteration, stop reason, snapshot path, seconds.
+    Raises DivergenceError after leaving the last good snapshot in place.
     """
     run_dir = Path(run_dir)
     show = log
@@ -273,49 +379,39 @@ def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_every=
         solver.restore(str(resume[1]))
         log(f"resuming from {resume[1]} (iteration {solver.iter})")
     net = solver.net
-    loader = _data_layer(net).prefetcher
-    watch = DivergenceWatch(net)
-    log_path, png_path = run_dir / "train.log", run_dir / "training.png"
+    loop = None
     started, reason, snapshot = time.monotonic(), "max_iter", None
     try:
         with StopRequests(run_dir) as stop:
+            loop = TrainingLoop(solver, run_dir, plot_seconds=plot_seconds,
+                                flush_seconds=flush_seconds, progress=progress, stop=stop,
+                                deadline=started + time_budget_s if time_budget_s else None)
+            if loop.log.dropped:
+                log(f"train.log: dropped {loop.log.dropped} rows after iteration {solver.iter} "
+                    "or superseded by a later run")
             while solver.iter < max_iter:
-                waited, step_started = loader.wait_seconds, time.perf_counter()
-                solver.step(1)
-                step_s = time.perf_counter() - step_started
-                pairs = len(net.blobs["label"].data)
-                row = dict(iter=solver.iter,
-                           loss_per_pair=float(net.blobs["loss"].data) / pairs,
-                           accuracy=float(net.blobs["accuracy"].data), pairs=pairs,
-                           patches=net.blobs["data"].data.shape[0],
-                           data_wait_s=round(loader.wait_seconds - waited, 4),
-                           step_s=round(step_s, 4))
-                watch.check(solver.iter)
-                append_log(log_path, row)
-                if progress:
-                    progress(row)
-                if solver.iter % plot_every == 0:
-                    plot_log(log_path, png_path)
-                if stop.requested():
-                    reason = stop.reason
+                stopped = loop.step()
+                if stopped:
+                    reason = stopped
                     break
-                if time_budget_s and time.monotonic() - started > time_budget_s:
-                    reason = "time budget"
-                    break
+        loop.close()
         if solver.iter > (resume[0] if resume else 0):
             solver.snapshot()
         snapshot = latest_snapshot(run_dir)
         log(f"stopped at iteration {solver.iter} ({reason}); snapshot "
             f"{snapshot[1] if snapshot else 'none'}")
-        if log_path.exists():
-            plot_log(log_path, png_path)
+        loop.plot()
     except DivergenceError as error:
+        loop.close()
+        loop.plot()
         good = latest_snapshot(run_dir)
         message = (f"{error}; training stopped, last good snapshot: "
                    f"{good[1] if good else 'none'}")
         log(f"diverged: {message}")
         raise DivergenceError(message) from None
     finally:
+        if loop is not None:
+            loop.close()
         close_data_layers(net)
     return dict(iter=solver.iter, reason=reason, snapshot=snapshot and str(snapshot[1]),
                 seconds=time.monotonic() - started)

@@ -4,10 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ctxpred.caffe_env import gpu_status
+from ctxpred.training import choose_device
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_demo_trains_evaluates_and_reports(tmp_path, photo_folder):
+def test_demo_trains_evaluates_and_reports(caffe, tmp_path, photo_folder):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "old.txt").write_text("a previous demo")
@@ -20,6 +23,10 @@ def test_demo_trains_evaluates_and_reports(tmp_path, photo_folder):
     assert list(tmp_path.glob("demo.old-*/old.txt")), "the previous demo must be kept aside"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] >= 1
+    status = gpu_status()  # the demo uses GPU 0 when usable, else says why not
+    assert summary["device"] == choose_device("auto", status)[1]
+    assert summary["device"].startswith("GPU 0" if status.usable else "CPU (no usable GPU: ")
+    assert f"device: {summary['device']}; batches of < 40 patches" in result.stdout
     for name in ("initial", "trained"):
         assert summary[name]["pairs"] == 16
         assert 0 <= summary[name]["low"] <= summary[name]["accuracy"] <= summary[name]["high"] <= 1

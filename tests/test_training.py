@@ -52,6 +52,55 @@ def test_train_snapshot_log_plot_then_resume(caffe, tmp_path, photo_folder):
     np.testing.assert_array_equal(read_log(run_dir / "train.log")["iter"], [1, 2, 3, 4, 5])
 
 
+def test_resume_drops_log_rows_after_the_restored_snapshot(caffe, tmp_path, photo_folder):
+    run_dir, solver = small_run(tmp_path, photo_folder)
+    train(caffe, solver, run_dir, max_iter=2, log=lambda *_: None)
+    train(caffe, solver, run_dir, max_iter=4, log=lambda *_: None)
+    for path in run_dir.glob("model_iter_4.*"):  # as if killed before the snapshot at 4
+        path.unlink()
+    messages = []
+    train(caffe, solver, run_dir, max_iter=5, log=messages.append)
+    assert any("dropped 2 rows after iteration 2" in m for m in messages)
+    np.testing.assert_array_equal(read_log(run_dir / "train.log")["iter"], [1, 2, 3, 4, 5])
+
+
+def test_plot_refresh_does_not_reread_train_log(caffe, tmp_path, photo_folder):
+    run_dir, solver = small_run(tmp_path, photo_folder)
+    log_path = str((run_dir / "train.log").resolve())
+    opened = []
+    watching = [True]
+
+    def audit(event, args):
+        if watching[0] and event == "open" and args and isinstance(args[0], (str, bytes)) \
+                and str(Path(os.fsdecode(args[0])).resolve()) == log_path:
+            opened.append(args[1])
+
+    sys.addaudithook(audit)  # hooks cannot be removed; this one turns itself off below
+    try:
+        pngs = []
+        result = train(caffe, solver, run_dir, max_iter=5, plot_seconds=0, flush_seconds=0,
+                       log=lambda *_: None,
+                       progress=lambda row: pngs.append((run_dir / "training.png").exists()))
+    finally:
+        watching[0] = False
+    assert result["iter"] == 5 and pngs[1:] == [True] * 4  # redrawn after every step
+    assert len(opened) <= 2, f"train.log opened {len(opened)} times in 5 steps: {opened}"
+    np.testing.assert_array_equal(read_log(run_dir / "train.log")["iter"], [1, 2, 3, 4, 5])
+
+
+def test_log_is_flushed_when_a_step_raises(caffe, tmp_path, photo_folder):
+    run_dir, solver = small_run(tmp_path, photo_folder)
+
+    def fail_at_three(row):
+        if row["iter"] == 3:
+            raise RuntimeError("loader failed")
+
+    with pytest.raises(RuntimeError, match="loader failed"):
+        train(caffe, solver, run_dir, max_iter=50, flush_seconds=3600, progress=fail_at_three,
+              log=lambda *_: None)
+    np.testing.assert_array_equal(read_log(run_dir / "train.log")["iter"], [1, 2, 3])
+
+
 def test_pause_file_stops_after_current_step(caffe, tmp_path, photo_folder):
     run_dir, solver = small_run(tmp_path, photo_folder)
 
@@ -106,18 +155,19 @@ def test_tool_sigterm_snapshots_and_exits_zero(tmp_path, photo_folder):
     out = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, str(REPO / "tools" / "train.py"), "--images", str(photo_folder),
-         "--out", str(out), "--max-patches", "40", "--workers", "1", "--iters", "1000"],
+         "--out", str(out), "--max-patches", "40", "--workers", "1", "--iters", "1000",
+         "--flush-seconds", "3600"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out / "train.log").exists():
-        time.sleep(0.2)
-    assert (out / "train.log").exists()
+    first = ""
+    while not first.startswith("iter 1:"):  # the progress line of the first step
+        first = process.stdout.readline()
+        assert first, process.stderr.read()
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "SIGTERM" in stdout
-    steps = len(read_log(out / "train.log")["iter"])
-    assert latest_snapshot(out)[0] == steps
+    steps = len(read_log(out / "train.log")["iter"])  # the buffered rows were written at the stop
+    assert steps >= 1 and latest_snapshot(out)[0] == steps
 
     fresh = run_tool("--images", str(photo_folder), "--out", str(out), "--max-patches", "40",
                      "--workers", "1", "--iters", str(steps + 1), "--fresh")
@@ -135,3 +185,31 @@ def test_plain_caffe_binary_trains_the_run_prototxt(tmp_path, photo_folder):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Optimization Done" in result.stderr
     assert (run_dir / "model_iter_2.caffemodel").exists()
+
+
+def test_tool_killed_keeps_flushed_rows_and_a_rerun_does_not_repeat_them(tmp_path, photo_folder):
+    out = tmp_path / "run"
+    args = ["--images", str(photo_folder), "--out", str(out), "--max-patches", "40",
+            "--workers", "1", "--flush-seconds", "0"]
+    process = subprocess.Popen([sys.executable, str(REPO / "tools" / "train.py"), *args,
+                                "--iters", "1000"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    seen = 0
+    while time.monotonic() < deadline and seen < 3 and process.poll() is None:
+        time.sleep(0.1)
+        seen = len(read_log(out / "train.log")["iter"]) if (out / "train.log").exists() else 0
+    process.kill()  # SIGKILL: no handler, no snapshot, no final write
+    process.wait(timeout=60)
+    assert seen >= 3, process.stderr.read()
+    lines = (out / "train.log").read_text().splitlines(keepends=True)
+    assert all(line.endswith("\n") and line.count("\t") == 6 for line in lines)
+    flushed = read_log(out / "train.log")["iter"]
+    assert len(flushed) >= seen
+    np.testing.assert_array_equal(flushed, np.arange(1, len(flushed) + 1))
+    assert latest_snapshot(out) is None  # killed before the first snapshot (2000)
+
+    rerun = run_tool(*args, "--iters", "2")  # starts again at iteration 0
+    assert rerun.returncode == 0, rerun.stderr
+    np.testing.assert_array_equal(read_log(out / "train.log")["iter"], [1, 2])
+    assert f"dropped {len(flushed)} rows" in (out / "events.log").read_text()

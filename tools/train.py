@@ -8,7 +8,10 @@ Examples:
 A run folder (default runs/<net>/) holds train.prototxt, solver.prototxt,
 snapshots model_iter_N.{caffemodel,solverstate}, train.log (tab-separated, one
 line per step) and training.png. Running again resumes from the newest
-snapshot. Ctrl-C, SIGTERM, or a file named 'pause' or 'quit' in the run
+snapshot. train.log is written every --flush-seconds and on every stop;
+training.png is redrawn every --plot-seconds. With --gpu, the loader uses one
+process per CPU core but one unless --workers is given.
+Ctrl-C, SIGTERM, or a file named 'pause' or 'quit' in the run
 folder stops after the current step with a snapshot (exit 0). Divergence
 (the reference's checks every 100 steps) stops with exit 3, keeping the last
 good snapshot.
@@ -19,8 +22,8 @@ from pathlib import Path
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
 from ctxpred.nets import NET_NAMES
-from ctxpred.training import (DivergenceError, RunConfig, latest_snapshot, move_aside, train,
-                              write_run_files)
+from ctxpred.training import (DivergenceError, RunConfig, default_workers, latest_snapshot,
+                              move_aside, progress_printer, train, write_run_files)
 
 
 def parse_args(argv):
@@ -52,37 +55,25 @@ def parse_args(argv):
                         help="batch buffer; grid batches hold fewer patches (reference: 512)")
     parser.add_argument("--mode", choices=("grid", "pairs"), default="grid",
                         help="pair sampling: the code's grids or the paper's random pairs")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="data loader processes (default: %(default)s)")
+    parser.add_argument("--workers", type=int,
+                        help="data loader processes (default: 2; with --gpu, one per CPU core "
+                             "but one, which is left to the solver)")
     parser.add_argument("--reference-head", action="store_true",
                         help="use the reference fc7 on concatenated pairs instead of the "
                              "equivalent, faster factorized head (snapshots convert with "
                              "tools/convert_head.py)")
     parser.add_argument("--fresh", action="store_true",
                         help="start over: move an existing run folder aside first")
-    parser.add_argument("--plot-every", type=int, default=50,
-                        help="refresh training.png every N steps (default: %(default)s)")
+    parser.add_argument("--plot-seconds", type=float, default=60,
+                        help="redraw training.png every S seconds of wall clock, and at the "
+                             "end (default: %(default)s)")
+    parser.add_argument("--flush-seconds", type=float, default=10,
+                        help="write buffered train.log rows every S seconds, and on every "
+                             "stop (default: %(default)s)")
+    parser.add_argument("--print-seconds", type=float, default=10,
+                        help="without a terminal, print a progress line every S seconds "
+                             "(default: %(default)s)")
     return parser.parse_args(argv)
-
-
-def progress_printer(total, start):
-    """A tqdm bar on a terminal, a line every 10 steps otherwise."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
-
-        def show(row):
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss_per_pair']:.3f}", acc=f"{row['accuracy']:.3f}",
-                            wait=f"{row['data_wait_s']:.2f}s")
-        return show
-
-    def show(row):
-        if row["iter"] % 10 == 0:
-            print(f"iter {row['iter']}: loss/pair {row['loss_per_pair']:.4f} "
-                  f"acc {row['accuracy']:.3f} step {row['step_s']:.2f}s "
-                  f"wait {row['data_wait_s']:.2f}s", flush=True)
-    return show
 
 
 def main(argv=None):
@@ -107,21 +98,26 @@ def main(argv=None):
     data = {"mode": args.mode}
     if args.max_patches:
         data["max_patches"] = args.max_patches
+    workers = args.workers if args.workers is not None else default_workers(args.gpu)
+    if args.workers is not None and args.workers < 1:
+        print(f"error: --workers must be at least 1, not {args.workers}", file=sys.stderr)
+        return 2
     config = RunConfig(net=args.net, images=args.images,
-                       seed=args.seed + (resume[0] if resume else 0), workers=args.workers,
+                       seed=args.seed + (resume[0] if resume else 0), workers=workers,
                        factorized_head=not args.reference_head, data=tuple(data.items()),
                        solver_overrides=tuple(overrides.items()))
     if args.solver and not Path(args.solver).is_file():
         print(f"error: solver file {args.solver} does not exist", file=sys.stderr)
         return 2
     solver_path = write_run_files(out, config, args.solver)
-    print(f"run folder {out}: {args.net}, images {args.images}, "
+    print(f"run folder {out}: {args.net}, images {args.images}, {workers} loader workers, "
           f"{'resuming' if resume else 'starting'} at iteration {resume[0] if resume else 0}")
     try:
         result = train(caffe, solver_path, out, args.iters,
                        time_budget_s=args.minutes * 60 if args.minutes else None,
-                       plot_every=args.plot_every,
-                       progress=progress_printer(args.iters, resume[0] if resume else 0))
+                       plot_seconds=args.plot_seconds, flush_seconds=args.flush_seconds,
+                       progress=progress_printer(args.iters, resume[0] if resume else 0,
+                                                 args.print_seconds))
     except DivergenceError as error:
         print(f"\nerror: training diverged: {error}", file=sys.stderr)
         return 3
