@@ -142,7 +142,8 @@ def prepare_detection_init(caffe, weights_path, net_name, images, context_def, d
     (prototxt/<net>/train.prototxt). detection_def: the detection deploy
     prototxt (:data:`DETECTION_PROTOTXTS`). batch_size x iterations images
     (resized to the detection input, BGR minus the mean) feed magic init;
-    seed seeds the image order, the weights and -cs's diffs; bias is the
+    seed seeds the image order, the weights, -cs's diffs and Caffe's RNG (the
+    Dropout masks: Dropout is active, as in the reference); bias is the
     target mean of the initialised pre-activations; mem_limit_mb caps the
     gathered data (MB). log receives progress lines.
 
@@ -157,8 +158,9 @@ def prepare_detection_init(caffe, weights_path, net_name, images, context_def, d
     weights = read_weights(weights_path)
     detection_param = read_net_param(detection_def)
     source = open_source(images) if isinstance(images, str) else images
-    image_rng, init_rng, calibration_rng = map(np.random.default_rng,
-                                               np.random.SeedSequence(seed).spawn(3))
+    seeds = np.random.SeedSequence(seed)
+    image_rng, init_rng, calibration_rng = map(np.random.default_rng, seeds.spawn(3))
+    caffe.set_random_seed(int(seeds.generate_state(1)[0] & 0x7FFFFFFF))  # Dropout masks
     shape = (batch_size, 3, *input_size(detection_param))
     analysis, notes = analysis_net(detection_param, shape)
     for note in notes:
@@ -173,8 +175,9 @@ def prepare_detection_init(caffe, weights_path, net_name, images, context_def, d
     load_params(net, kept, strict=False)
     subject = NetUnderInit(net, analysis, batches, log)
     done = subject.initialize(bias, "elwise", mem_limit_mb, init_rng, log)
+    subject.release_batches(keep=1)  # -cs uses the first batch only
     calibration = subject.calibrate(calibration_rng, log=log)
-    statistics = subject.statistics()
+    statistics = calibration.statistics  # its last pass: the final weights on that batch
     origins = []
     for name, shapes in detection_shapes.items():
         from_context = name in kept

@@ -21,7 +21,8 @@ Two parts, on any Net made of the supported layer types (:data:`PARAMETER_TYPES`
   from the last layer.
 
 :func:`analysis_net` turns a prototxt's NetParameter into the net these work
-on (TRAIN-phase layers; Softmax, loss, Accuracy and Dropout layers left out;
+on (TRAIN-phase layers; Softmax, loss and Accuracy layers left out; Dropout
+active as in Caffe's TRAIN phase, as the reference runs it, or left out;
 ``force_backward``; optionally the input replaced by an Input layer fed with
 images from :func:`image_batches`). Layer names are kept, so the weights load
 by name into the original net.
@@ -49,6 +50,7 @@ PASSIVE_TYPES = ("ReLU", "Sigmoid", "LRN", "Pooling", "Eltwise")
 INPUT_TYPES = ("Data", "ImageData", "Input")
 CAFFE_INSERTED_TYPES = ("Split",)  # Caffe adds these for blobs read by several layers
 STRIPPED_TYPES = ("Softmax", "Accuracy")  # and every type ending in "Loss"
+DROPOUT_MODES = ("train", "identity")  # Dropout active as in Caffe's TRAIN phase / left out
 MEAN_BGR = (104.0, 117.0, 123.0)
 DEFAULT_SIDE = 227
 ZERO_TOLERANCE = 1e-10
@@ -60,6 +62,20 @@ _RANK_TOLERANCE = 1e-6  # eigenvalues below this fraction of the largest are dro
 _WHITENING_EPS = 1e-5  # added to the eigenvalues, as a fraction of the largest
 _FLOAT_BYTES = 4
 _MB = 1 << 20
+
+
+def mean_square(array, chunk=1 << 16):
+    """mean(array ** 2): float32 dot products of ``chunk`` elements summed in float64.
+
+    No full-size temporary (fc6's weights are 38M floats); relative error about
+    1e-6 for float32 input.
+    """
+    flat = array.reshape(-1)
+    total = 0.0
+    for begin in range(0, flat.size, chunk):
+        part = flat[begin:begin + chunk]
+        total += float(np.dot(part, part))
+    return total / flat.size if flat.size else 0.0
 
 
 class MagicInitError(ValueError):
@@ -109,23 +125,31 @@ def input_size(net_param):
     return DEFAULT_SIDE, DEFAULT_SIDE
 
 
-def analysis_net(net_param, input_shape=None):
+def analysis_net(net_param, input_shape=None, dropout="train"):
     """The NetParameter magic init works on, and notes on what changed.
 
     Keeps the TRAIN-phase layers (phase rules only), leaves out Softmax,
-    Accuracy and loss layers (they have no weights) and Dropout layers (the
-    analysis sees them as at test time, the identity; a note says so), sets
-    ``force_backward``. With ``input_shape`` (N, 3, H, W) the first input
+    Accuracy and loss layers (they have no weights), sets ``force_backward``.
+    ``dropout`` (one of :data:`DROPOUT_MODES`): "train" keeps Dropout layers,
+    which Caffe runs as in its TRAIN phase, a new random mask per forward
+    pass (what the reference does, since it builds the whole net in the
+    TRAIN phase); "identity" leaves them out, so that the analysis sees them
+    as at test time. A note says which, per Dropout layer.
+
+    With ``input_shape`` (N, 3, H, W) the first input
     layer becomes an Input layer of that shape with its first top (other tops,
     such as labels, are dropped); without it the net keeps its Data /
     ImageData layers, and an Input layer is an error (nothing would feed it).
 
-    Returns (NetParameter, [note strings]). Raises MagicInitError naming the
-    layer for BatchNorm (fold it first with tools/debatchnorm.py) and other
-    unsupported types, input layers after computing layers, more than one
+    Returns (NetParameter, [note strings]). Raises MagicInitError for an
+    unknown ``dropout`` mode, and naming the layer for BatchNorm (fold it
+    first with tools/debatchnorm.py) and other unsupported types, input layers after computing layers, more than one
     input with ``input_shape``, a blob read but no longer produced, and a net
     without parameter layers.
     """
+    if dropout not in DROPOUT_MODES:
+        raise MagicInitError(f"unknown Dropout mode {dropout!r} (one of "
+                             f"{', '.join(DROPOUT_MODES)})")
     analysis = type(net_param)()
     analysis.CopyFrom(net_param)
     del analysis.layer[:]
@@ -141,10 +165,13 @@ def analysis_net(net_param, input_shape=None):
             notes.append(f"left out {layer.type} layer {layer.name} (no weights)")
             continue
         if layer.type == "Dropout":
-            renamed[layer.top[0]] = layer.bottom[0]
-            notes.append(f"warning: Dropout layer {layer.name} is the identity for the analysis "
-                         "(as at test time); statistics under dropout differ")
-            continue
+            if dropout == "identity":
+                renamed[layer.top[0]] = layer.bottom[0]
+                notes.append(f"note: Dropout layer {layer.name} is the identity for the analysis "
+                             "(as at test time), unlike the reference")
+                continue
+            notes.append(f"note: Dropout layer {layer.name} is active (Caffe's TRAIN phase, as "
+                         "in the reference): the result varies with the seed")
         _check_type(layer)
         if layer.type in INPUT_TYPES:
             if computing:
@@ -178,11 +205,11 @@ def _check_type(layer):
         raise MagicInitError(f"layer {layer.name} is a BatchNorm layer, which magic init does "
                              "not support: fold it into the layer before it first with "
                              "tools/debatchnorm.py")
-    if layer.type not in PARAMETER_TYPES + PASSIVE_TYPES + INPUT_TYPES:
+    if layer.type not in PARAMETER_TYPES + PASSIVE_TYPES + INPUT_TYPES + ("Dropout",):
         raise MagicInitError(
             f"layer {layer.name} has type {layer.type}, which magic init does not support "
-            f"(supported: {', '.join(PARAMETER_TYPES + PASSIVE_TYPES + INPUT_TYPES)}; "
-            "Dropout, Softmax and loss layers are left out)")
+            f"(supported: {', '.join(PARAMETER_TYPES + PASSIVE_TYPES + INPUT_TYPES)}, "
+            "Dropout; Softmax and loss layers are left out)")
 
 
 def _image_input(layer, input_shape):
@@ -327,7 +354,9 @@ class Calibration:
     before / after: {layer: r} gradient ratios before the first and after the
     last rescaling; target: the last target ratio; rounds: rescalings done;
     converged: every |log r / log target - 1| < :data:`ROUND_TOLERANCE` at the
-    end; factors: {layer: product of the factors its weights were multiplied by}.
+    end; factors: {layer: product of the factors its weights were multiplied by};
+    statistics: {layer: :class:`LayerStatistics`} of the pre-activations on
+    the calibration batch with the final weights (the last forward pass).
     """
 
     before: dict
@@ -336,6 +365,7 @@ class Calibration:
     rounds: int
     converged: bool
     factors: dict
+    statistics: dict
 
 
 class NetUnderInit:
@@ -354,23 +384,31 @@ class NetUnderInit:
         ``[{"data": array} for array in image_batches(...)]`` or
         :func:`data_layer_batches`. Their shapes are the net's.
     log : callable
-        Receives a warning for each Dropout layer (random in the TRAIN phase:
-        :func:`analysis_net` leaves them out).
+        Unused; kept for callers that pass it.
+
+    A Dropout layer in the net runs as in Caffe's TRAIN phase: every
+    forward pass draws a new mask from Caffe's RNG (``caffe.set_random_seed``
+    makes a run repeatable). Activations kept between layers keep their
+    masks, so a layer's statistics and the data later layers see agree.
     """
 
     def __init__(self, net, net_param, batches, log=print):
         self.net = net
         self.graph = _Graph.of(net)
-        for name, layer_type in zip(self.graph.names, self.graph.types):
-            if layer_type == "Dropout":
-                log(f"warning: Dropout layer {name} makes the statistics random in the TRAIN "
-                    "phase; the results are at your own risk")
         self.layer_params = {layer.name: layer for layer in net_param.layer}
         inputs = set(self.graph.live_after(self.graph.start - 1))
         if not batches or any(set(batch) != inputs for batch in batches):
             raise MagicInitError(f"every batch must give exactly the input blobs "
                                  f"{', '.join(sorted(inputs))}")
         self.inputs = _Store(self.graph.start - 1, tuple(batches))
+
+    def release_batches(self, keep=1):
+        """Free the input batches after the first ``keep`` (memory: 10 x 16 CaffeNet inputs
+        are 99 MB). :meth:`calibrate` uses batch 0 only; :meth:`statistics` and a later
+        :meth:`initialize` then see the kept batches only."""
+        if keep < 1:
+            raise MagicInitError("at least one input batch must stay")
+        self.inputs = _Store(self.inputs.after, self.inputs.batches[:keep])
 
     # ---- running the net -------------------------------------------------
 
@@ -409,6 +447,12 @@ class NetUnderInit:
             if before_layer is not None:
                 before_layer(index)
             self.net._forward(index, index)
+
+    def _record(self, statistics, index):
+        """statistics[layer] = the pre-activation statistics of layer ``index``'s top as it is."""
+        moments = _Moments()
+        moments.add(self._top(index), self._channel_axis(index))
+        statistics[self.graph.names[index]] = LayerStatistics(moments.mean, moments.std)
 
     def _top(self, index):
         return self.net.blobs[self.graph.tops[index][0]].data
@@ -490,21 +534,39 @@ class NetUnderInit:
             weights = self._weights(index)
             weights[...] = rng.standard_normal(weights.shape, dtype=np.float32)
         moments = _Moments()
-        store = self._sweep(store, index, lambda _: moments.add(self._top(index),
-                                                                self._channel_axis(index)),
-                            keep_at=index - 1, budget=budget)
+        axis = self._channel_axis(index)
+        store = self._sweep(store, index, lambda _: moments.add(self._top(index), axis),
+                            keep_at=index, budget=budget)
         constant = moments.std == 0
         if constant.any():
             log(f"note: {name}: {int(constant.sum())} output channels are constant on the data; "
                 "their weights are not scaled")
         sigma = np.where(constant, 1.0, moments.std)
         _scale_outputs(self._weights(index), 1.0 / sigma, self.layer_params[name])
+        shift = np.zeros_like(sigma)
         if len(layer.blobs) > 1:
-            layer.blobs[1].data[...] = -moments.mean / sigma + bias
+            shift = -moments.mean / sigma + bias
+            layer.blobs[1].data[...] = shift
         else:
             log(f"note: {name} has no bias term; its mean stays "
                 f"{np.mean(moments.mean / sigma):.3g}")
+        if store.after == index:
+            # The kept pre-activations, as the rescaled layer computes them: y / sigma + shift
+            # (its bias was zero), instead of forwarding the batches through it again.
+            self._rescale_kept(store, index, axis, 1.0 / sigma, shift)
         return kind if basis == requested else f"elwise instead of {kind}", store
+
+    def _rescale_kept(self, store, index, axis, factor, shift):
+        """Apply y * factor + shift per channel (axis ``axis``) to layer ``index``'s kept tops."""
+        shape = [1] * self._top(index).ndim
+        shape[axis] = -1
+        factor = factor.astype(np.float32).reshape(shape)
+        shift = shift.astype(np.float32).reshape(shape)
+        for batch in store.batches:
+            for top in self.graph.tops[index]:
+                if top in batch:
+                    batch[top] *= factor
+                    batch[top] += shift
 
     def _gather(self, index, fast, budget, rng, store):
         """(patches (n, d) float32, store): layer ``index``'s input patches, <= ``budget`` bytes."""
@@ -601,9 +663,9 @@ class NetUnderInit:
         ratios = {}
         for index in self.graph.parameter_layers:
             blob = self.net.layers[index].blobs[0]
-            weight_ms = np.mean(np.square(blob.data, dtype=np.float64))
+            weight_ms = mean_square(blob.data)
             ratios[self.graph.names[index]] = math.sqrt(
-                np.mean(np.square(blob.diff, dtype=np.float64)) / weight_ms) if weight_ms else 0.0
+                mean_square(blob.diff) / weight_ms) if weight_ms else 0.0
         dead = [name for name, ratio in ratios.items() if not ratio > 0]
         if dead:
             raise MagicInitError(f"{', '.join(dead)} get no gradient from the last layer "
@@ -611,16 +673,20 @@ class NetUnderInit:
                                  "-cs needs every parameter layer to feed it")
         return ratios
 
-    def _calibration_pass(self, input_scales, factors=None):
+    def _calibration_pass(self, input_scales, statistics, factors=None):
         """Forward input batch 0 layer by layer; returns the output's mean per-channel std.
 
         Records each parameter layer's input scale, the mean |bottom|, in
-        ``input_scales``. With ``factors`` {layer: f}, first multiplies its
-        biases by the input's change of scale since they were last set, then
-        its weights and biases by f.
+        ``input_scales``, and its pre-activation's statistics in
+        ``statistics`` {layer: LayerStatistics}. With ``factors`` {layer: f},
+        first multiplies its biases by the input's change of scale since they
+        were last set, then its weights and biases by f.
         """
         def before_layer(index):
-            if self.graph.types[index] not in PARAMETER_TYPES:
+            previous = index - 1
+            if self.graph.types[previous] in PARAMETER_TYPES and previous >= self.graph.start:
+                self._record(statistics, previous)
+            if index > self.graph.end or self.graph.types[index] not in PARAMETER_TYPES:
                 return
             name = self.graph.names[index]
             scale = float(np.mean([np.mean(np.abs(self.net.blobs[bottom].data, dtype=np.float64))
@@ -634,6 +700,7 @@ class NetUnderInit:
             input_scales[name] = scale
 
         self._layer_by_layer(0, before_layer)
+        before_layer(self.graph.end + 1)
         output = self._top(self.graph.end)
         return float(np.mean(np.std(np.moveaxis(output, 1, 0).reshape(output.shape[1], -1),
                                     axis=1, dtype=np.float64)))
@@ -657,8 +724,8 @@ class NetUnderInit:
         """
         rng = np.random.default_rng(0) if rng is None else rng
         diffs = self.output_diffs(rng)
-        input_scales = {}
-        output_std = self._calibration_pass(input_scales)
+        input_scales, statistics = {}, {}
+        output_std = self._calibration_pass(input_scales, statistics)
         if not output_std > 0:
             raise MagicInitError(f"the net's output does not vary over the calibration batch "
                                  f"(mean per-channel std {output_std:g}): -cs needs a batch of "
@@ -674,7 +741,7 @@ class NetUnderInit:
             if converged or rounds == max_rounds:
                 break
             step = {name: math.sqrt(ratio / target) for name, ratio in ratios.items()}
-            new_std = self._calibration_pass(input_scales, step)
+            new_std = self._calibration_pass(input_scales, statistics, step)
             if abs(math.log(new_std / output_std)) > DRIFT_LIMIT:
                 log(f"warning: the output std went from {output_std:.4g} to {new_std:.4g} in one "
                     "round: a layer is not positively homogeneous (LRN, Sigmoid?)")
@@ -686,7 +753,7 @@ class NetUnderInit:
                 f"{min(ratios.values()):.3g}..{max(ratios.values()):.3g}, target {target:.3g}")
         if not converged:
             log(f"warning: the gradient ratios did not converge in {max_rounds} rounds")
-        return Calibration(before, ratios, target, rounds, converged, factors)
+        return Calibration(before, ratios, target, rounds, converged, factors, statistics)
 
 
 def data_layer_batches(net, count):
@@ -849,7 +916,7 @@ def summary_lines(net_under_init, done, statistics, calibration=None):
     for index in graph.parameter_layers:
         name = graph.names[index]
         blobs = net.layers[index].blobs
-        rms = [math.sqrt(np.mean(np.square(blob.data, dtype=np.float64))) for blob in blobs]
+        rms = [math.sqrt(mean_square(blob.data)) for blob in blobs]
         bias_rms = f"{rms[1]:9.3g}" if len(rms) > 1 else f"{'-':>9}"
         if calibration is None:
             gradient = f"{'-':>9} {'-':>9} {'-':>9}"

@@ -101,12 +101,23 @@ def write_weights(weights, path):
     caffe_pb2 = import_caffe().proto.caffe_pb2
     with open(path, "wb") as handle:
         for name, arrays in weights.items():
-            layer = caffe_pb2.LayerParameter(name=name).SerializeToString()
+            # Streamed: each field's length is known before its bytes, so the packed float
+            # data goes from the array to the file without a copy (the arrays may be views
+            # of a net's blobs; fc6 alone is ~150 MB).
+            header = caffe_pb2.LayerParameter(name=name).SerializeToString()
+            blobs = []
             for array in arrays:
                 array = np.ascontiguousarray(array, dtype="<f4")
                 shape = caffe_pb2.BlobProto(shape=dict(dim=array.shape)).SerializeToString()
-                layer += _field(_BLOBS, shape + _field(_BLOB_DATA, array.tobytes()))
-            handle.write(_field(_NET_LAYER, layer))
+                data_header = _varint(_BLOB_DATA << 3 | 2) + _varint(array.nbytes)
+                blob_header = shape + data_header
+                blobs.append((_varint(_BLOBS << 3 | 2)
+                              + _varint(len(blob_header) + array.nbytes) + blob_header, array))
+            size = len(header) + sum(len(start) + array.nbytes for start, array in blobs)
+            handle.write(_varint(_NET_LAYER << 3 | 2) + _varint(size) + header)
+            for start, array in blobs:
+                handle.write(start)
+                handle.write(memoryview(array.reshape(-1)).cast("B"))
     return path
 
 

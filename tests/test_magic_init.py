@@ -15,8 +15,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from ctxpred import magic_init_reference as reference
 from ctxpred.layers import close_data_layers
-from ctxpred.magic_init import (TYPES, MagicInitError, NetUnderInit, analysis_net, build_net,
+from ctxpred.magic_init import (MEAN_BGR, TYPES, MagicInitError, NetUnderInit, analysis_net, build_net,
                                 image_batches, input_size)
 from ctxpred.nets import data_layer_params, train_net
 from ctxpred.surgery import read_net_param
@@ -104,9 +105,10 @@ def mixed_net(caffe, batch=4):
     return n.to_proto()
 
 
-def subject_for(caffe, net_param, photos, batches=2, batch=4):
-    """(NetUnderInit, batches) of ``net_param`` fed with the photos."""
-    analysis, _ = analysis_net(net_param, (batch, 3, SIDE, SIDE))
+def subject_for(caffe, net_param, photos, batches=2, batch=4, dropout="identity"):
+    """(NetUnderInit, batches) of ``net_param`` fed with the photos; Dropout the identity by
+    default, so that the checks below are deterministic and exact."""
+    analysis, _ = analysis_net(net_param, (batch, 3, SIDE, SIDE), dropout)
     feed = [{"data": array} for array in
             image_batches(photos, batch, batches, (SIDE, SIDE), log=lambda _: None)]
     return NetUnderInit(build_net(caffe, analysis), analysis, feed, log=lambda _: None), feed
@@ -128,10 +130,12 @@ def channel_stats(array):
 def test_initialised_pre_activations_have_bias_mean_and_unit_std(caffe, photos, tmp_path):
     prototxt = write(tmp_path / "mixed.prototxt", mixed_net(caffe))
     model = tmp_path / "mixed.caffemodel"
-    result, = run_tools(["-q", "-d", photos, "-bs", 4, "-nit", 4, "-b", 0.25, prototxt, model])
+    result, = run_tools(["-q", "-d", photos, "-bs", 4, "-nit", 4, "-b", 0.25,
+                         "--dropout", "identity", prototxt, model])
     assert result.returncode == 0, result.stderr
     assert "left out Softmax layer prob" in result.stdout
     assert "Dropout layer drop is the identity" in result.stdout
+    assert "pre-activation statistics: all 4 batches" in result.stdout
     # The tool draws -bs * -nit = 16 images, each of the 8 photos twice: the statistics
     # over those are the statistics over the 8 photos once.
     images, = image_batches(photos, len(PHOTOS), 1, (SIDE, SIDE))
@@ -246,7 +250,9 @@ def test_patches_are_what_caffe_convolves_and_respect_the_memory_limit(caffe, ph
 
 
 def test_recomputing_instead_of_keeping_activations_changes_nothing(caffe, photos):
-    """Below the memory limit, activations are forwarded again instead of kept: same result."""
+    """Below the memory limit, activations are forwarded again instead of kept: the same
+    result up to float32 rounding (kept pre-activations are rescaled in numpy, recomputed
+    ones by Caffe with the rescaled weights)."""
     results = []
     for mem_limit_mb in (500, 1e-3):
         subject, _ = subject_for(caffe, chain_net(caffe), photos)
@@ -256,7 +262,7 @@ def test_recomputing_instead_of_keeping_activations_changes_nothing(caffe, photo
                          for name, blobs in subject.net.params.items()})
     for name, arrays in results[0].items():
         for array, other in zip(arrays, results[1][name]):
-            np.testing.assert_array_equal(array, other)
+            np.testing.assert_allclose(array, other, rtol=1e-5, atol=1e-6 * np.abs(other).max())
 
 
 def test_load_keeps_layers_z_reinitialises_cs_rescales(caffe, photos, tmp_path, rng):
@@ -381,14 +387,14 @@ def test_help_and_flags():
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     args = tool.parse_args(["-c", "net.prototxt", "out.caffemodel"])
-    assert args.cs and args.gpu is None and (args.bias, args.type, args.s, args.bs,
+    assert args.cs and args.gpu is None and args.dropout == "train" and (args.bias, args.type, args.s, args.bs,
                                              args.nit, args.mem_limit) == (0.1, "elwise", 1.0,
                                                                            16, 10, 500)
     result = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True,
                             text=True)
     assert result.returncode == 0 and "Example" in result.stdout
     for flag in ("--load", "--data", "--bias", "--type", "-z", "-cs", "-q", "-s S", "-bs BS",
-                 "-nit NIT", "--mem-limit", "--gpu", "--seed"):
+                 "-nit NIT", "--mem-limit", "--gpu", "--seed", "--dropout {train,identity}"):
         assert flag in result.stdout, flag
 
 
@@ -431,3 +437,135 @@ def test_project_page_command_on_groupless_caffenet(caffe, photo_folder, tmp_pat
         weight = net.params[name][0].data
         assert np.isfinite(weight).all() and np.abs(weight).sum() > 0, name
     assert read_net_param(caffenet).layer[-1].type == "Softmax"  # the deploy net is untouched
+
+
+# ---- the reference's procedure (Dropout active in the TRAIN phase) ---------------------------
+
+def dropout_net(caffe, batch):
+    """Conv / ReLU / max-pooling net with two Dropout layers (in place, after fc3 and fc4)."""
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[batch, 3, SIDE, SIDE]))
+    n.conv1 = L.Convolution(n.data, num_output=8, kernel_size=5, stride=2)
+    n.relu1 = L.ReLU(n.conv1, in_place=True)
+    n.pool1 = L.Pooling(n.conv1, pool=caffe.params.Pooling.MAX, kernel_size=2, stride=2)
+    n.conv2 = L.Convolution(n.pool1, num_output=16, kernel_size=3, pad=1)
+    n.relu2 = L.ReLU(n.conv2, in_place=True)
+    n.pool2 = L.Pooling(n.conv2, pool=caffe.params.Pooling.MAX, kernel_size=2, stride=2)
+    n.fc3 = L.InnerProduct(n.pool2, num_output=32)
+    n.relu3 = L.ReLU(n.fc3, in_place=True)
+    n.drop3 = L.Dropout(n.fc3, dropout_ratio=0.5, in_place=True)
+    n.fc4 = L.InnerProduct(n.fc3, num_output=32)
+    n.relu4 = L.ReLU(n.fc4, in_place=True)
+    n.drop4 = L.Dropout(n.fc4, dropout_ratio=0.5, in_place=True)
+    n.fc5 = L.InnerProduct(n.fc4, num_output=10)
+    n.prob = L.Softmax(n.fc5)
+    return n.to_proto()
+
+
+DROPOUT_LAYERS = ("conv1", "conv2", "fc3", "fc4", "fc5")
+
+
+def test_dropout_is_active_by_default_and_identity_on_request(caffe):
+    net_param = dropout_net(caffe, 4)
+    analysis, notes = analysis_net(net_param, (4, 3, SIDE, SIDE))
+    assert [layer.name for layer in analysis.layer
+            if layer.type == "Dropout"] == ["drop3", "drop4"]
+    assert "note: Dropout layer drop3 is active (Caffe's TRAIN phase" in notes[0]
+    analysis, notes = analysis_net(net_param, (4, 3, SIDE, SIDE), dropout="identity")
+    assert not [layer for layer in analysis.layer if layer.type == "Dropout"]
+    assert any("drop4 is the identity" in note for note in notes)
+    with pytest.raises(MagicInitError, match="unknown Dropout mode 'test'"):
+        analysis_net(net_param, (4, 3, SIDE, SIDE), dropout="test")
+
+
+def magic_init_weights(caffe, photos, seed, dropout):
+    """ctxpred's -cs -d on dropout_net: {layer: [weights, bias]}."""
+    batch, batches = 4, 4
+    analysis, _ = analysis_net(dropout_net(caffe, batch), (batch, 3, SIDE, SIDE), dropout)
+    image_rng, init_rng, calibration_rng = (np.random.default_rng([seed, part])
+                                            for part in range(3))
+    feed = [{"data": array} for array in image_batches(photos, batch, batches, (SIDE, SIDE),
+                                                       rng=image_rng, log=lambda _: None)]
+    caffe.set_random_seed(seed)
+    subject = NetUnderInit(build_net(caffe, analysis), analysis, feed)
+    subject.initialize(rng=init_rng, log=lambda _: None)
+    subject.calibrate(rng=calibration_rng, log=lambda _: None)
+    return {name: [blob.data.copy() for blob in blobs]
+            for name, blobs in subject.net.params.items()}
+
+
+def reference_weights(caffe, photos, seed, list_file):
+    """The reference procedure (ctxpred.magic_init_reference) on the same net and photos."""
+    batch = 4
+    net = reference.build_reference_net(
+        caffe, reference.reference_net_param(dropout_net(caffe, batch), list_file, batch))
+    caffe.set_random_seed(seed)
+    rng = np.random.default_rng([seed, 7])
+    assert reference.initialize(net, iterations=4, rng=rng) == list(DROPOUT_LAYERS)
+    reference.calibrate(net, rng=rng)
+    return {name: [blob.data.copy() for blob in blobs] for name, blobs in net.params.items()}
+
+
+def weight_and_activation_spread(caffe, weights, images):
+    """{layer: (log weight rms, log mean per-channel pre-activation std on ``images``)}; the
+    pre-activations in the TEST phase (Dropout the identity), the same for every method."""
+    net = build_net(caffe, analysis_net(dropout_net(caffe, len(images)),
+                                        (len(images), 3, SIDE, SIDE), "identity")[0])
+    for name, arrays in weights.items():
+        for blob, array in zip(net.params[name], arrays):
+            blob.data[...] = array
+    names = list(net._layer_names)
+    out = {}
+    for name in DROPOUT_LAYERS:
+        net.blobs["data"].data[...] = images
+        net._forward(0, names.index(name))  # stop before the in-place ReLU
+        _, std = channel_stats(net.blobs[name].data)
+        out[name] = (np.log(np.sqrt(np.mean(np.square(weights[name][0], dtype=np.float64)))),
+                     np.log(std.mean()))
+    return out
+
+
+def test_weights_and_pre_activations_agree_with_the_reference_procedure(caffe, photos, tmp_path):
+    """Over several seeds, ctxpred's -cs on a net with Dropout gives weights and TEST-phase
+    pre-activation spreads whose means agree with the reference procedure's within the
+    seed-to-seed noise; treating Dropout as the identity (the old behaviour) does not."""
+    seeds = range(24)
+    # Both read the same pixels: the photos squashed to 32 x 32 once, as lossless PNG files
+    # (Caffe's ImageData resizes bilinearly, ctxpred with area interpolation: a different
+    # question from the procedure's).
+    images, = image_batches(photos, len(PHOTOS), 1, (SIDE, SIDE))
+    for index, image in enumerate(images):
+        bgr = np.rint(image.transpose(1, 2, 0) + np.float32(MEAN_BGR))
+        Image.fromarray(np.clip(bgr[:, :, ::-1], 0, 255).astype(np.uint8)).save(
+            tmp_path / f"{index}.png")
+    small = sorted(tmp_path.glob("*.png"))
+    list_file = reference.write_list_file(small, tmp_path / "list.txt")
+    photos = str(tmp_path / "*.png")
+    images, = image_batches(photos, len(PHOTOS), 1, (SIDE, SIDE))
+    runs = {"train": [], "identity": [], "reference": []}
+    for seed in seeds:
+        for mode in ("train", "identity"):
+            runs[mode].append(weight_and_activation_spread(
+                caffe, magic_init_weights(caffe, photos, seed, mode), images))
+        runs["reference"].append(weight_and_activation_spread(
+            caffe, reference_weights(caffe, photos, seed, list_file), images))
+
+    def compare(mode, layer, what):
+        """(difference of the means of the log values, its standard error)."""
+        ours = np.array([run[layer][what] for run in runs[mode]])
+        theirs = np.array([run[layer][what] for run in runs["reference"]])
+        error = np.sqrt(ours.var(ddof=1) / len(ours) + theirs.var(ddof=1) / len(theirs))
+        return ours.mean() - theirs.mean(), error
+
+    report, disagreements = [], 0
+    for layer in DROPOUT_LAYERS:
+        for what, label in enumerate(("weight rms", "pre-activation std")):
+            difference, error = compare("train", layer, what)
+            old, old_error = compare("identity", layer, what)
+            report.append(f"{layer} {label}: train {difference:+.3f} +- {error:.3f}, "
+                          f"identity {old:+.3f} +- {old_error:.3f}")
+            assert abs(difference) < 3 * error + 0.03, report[-1]
+            disagreements += abs(old) > 3 * old_error + 0.03
+    print("\n".join(report))
+    assert disagreements >= 4, report  # the comparison can tell the two behaviours apart

@@ -6,11 +6,14 @@ shifted so that its pre-activation has mean BIAS (-b) and std 1 on the data.
 Layers that hold weights (from -l, or from a filler) are kept; -z zeroes
 everything first. -cs then rescales whole layers so that their weights change
 at the same relative rate under SGD (measured on the first batch, up to 10
-rounds). Softmax, Accuracy, loss and Dropout layers are left out of the
-analysis (the weights still load by name into PROTOTXT); BatchNorm must be
-folded first (tools/debatchnorm.py). The end is a table per layer: weight and
-bias scale, pre-activation mean and std on the data, and the gradient ratio
-before and after -cs.
+rounds). Softmax, Accuracy and loss layers are left out of the analysis (the
+weights still load by name into PROTOTXT); BatchNorm must be folded first
+(tools/debatchnorm.py). Dropout layers are active as in Caffe's TRAIN phase,
+as the reference runs them (a new random mask per pass), so the result
+varies with --seed; --dropout identity treats them as at test time instead.
+The end is a table per layer: weight and bias scale, pre-activation mean and
+std (on all -nit batches; with -cs, on the calibration batch with the final
+weights), and the gradient ratio before and after -cs.
 
 With -d, images are resized to the net's input size (Input layer shape, or a
 data layer's crop_size / new_height x new_width, else 227), the BGR mean
@@ -29,9 +32,9 @@ import numpy as np
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
 from ctxpred.images import open_source
-from ctxpred.magic_init import (TYPES, NetUnderInit, analysis_net, build_net, data_layer_batches,
+from ctxpred.magic_init import (DROPOUT_MODES, TYPES, NetUnderInit, analysis_net, build_net, data_layer_batches,
                                 image_batches, input_size, summary_lines)
-from ctxpred.surgery import load_params, net_param_shapes, net_params, read_net_param
+from ctxpred.surgery import load_params, net_param_shapes, read_net_param
 from ctxpred.weights import read_weights, write_weights
 
 
@@ -73,9 +76,14 @@ def parse_args(argv=None):
                              "kept between layers (default: %(default)s)")
     parser.add_argument("--gpu", type=int, default=None,
                         help="CUDA device id; with a CPU-only Caffe the CPU is used (default: CPU)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the image order, the weights and -cs's diffs "
+    parser.add_argument("--dropout", default="train", choices=DROPOUT_MODES,
+                        help="train: Dropout layers active as in Caffe's TRAIN phase, a new "
+                             "random mask per forward pass (what the reference does); "
+                             "identity: Dropout left out, as at test time "
                              "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the image order, the weights, -cs's diffs and Caffe's "
+                             "RNG (the Dropout masks) (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.bs < 1 or args.nit < 1 or args.mem_limit <= 0:
         parser.error("-bs, -nit and --mem-limit must be positive")
@@ -99,14 +107,15 @@ def main(argv=None):
     except CaffeNotAvailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    image_rng, init_rng, calibration_rng = map(np.random.default_rng,
-                                               np.random.SeedSequence(args.seed).spawn(3))
+    seeds = np.random.SeedSequence(args.seed)
+    image_rng, init_rng, calibration_rng = map(np.random.default_rng, seeds.spawn(3))
+    caffe.set_random_seed(int(seeds.generate_state(1)[0] & 0x7FFFFFFF))
     try:
         net_param = read_net_param(args.prototxt)
         shape = source = None
         if args.data is not None:
             shape, source = (args.bs, 3, *input_size(net_param)), open_source(args.data)
-        analysis, notes = analysis_net(net_param, shape)
+        analysis, notes = analysis_net(net_param, shape, args.dropout)
         for note in notes:
             print(note)
         net_param_shapes(analysis, args.prototxt)  # Caffe would abort this process
@@ -130,14 +139,20 @@ def main(argv=None):
             batches = data_layer_batches(net, args.nit)
         subject = NetUnderInit(net, analysis, batches)
         done = subject.initialize(args.bias, args.type, args.mem_limit, init_rng)
+        if args.cs:
+            subject.release_batches(keep=1)  # -cs and its statistics use the first batch only
         calibration = subject.calibrate(calibration_rng) if args.cs else None
-        statistics = subject.statistics()
+        # With -cs the last calibration pass measured the final weights' pre-activations.
+        statistics = calibration.statistics if args.cs else subject.statistics()
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for line in summary_lines(subject, done, statistics, calibration):
         print(line)
-    write_weights(net_params(net), args.output_caffemodel)
+    print("pre-activation statistics: " + ("the calibration batch (the first), final weights"
+                                           if args.cs else f"all {args.nit} batches"))
+    write_weights({name: [blob.data for blob in blobs] for name, blobs in net.params.items()},
+                  args.output_caffemodel)
     print(f"wrote {args.output_caffemodel}")
     return 0
 
