@@ -258,9 +258,10 @@ def _check_name(net_name):
 
 def generated_files(default_source="data/photos/train"):
     """Every checked-in prototxt under prototxt/, as {relative path: text}."""
-    from ctxpred import detection_nets, fast_rcnn
+    from ctxpred import classification_nets, detection_nets, fast_rcnn
     files = detection_nets.generated_files()
     files.update(fast_rcnn.generated_files())
+    files.update(classification_nets.generated_files())
     for name in NET_NAMES:
         params = data_layer_params(name, default_source)
         files[f"{name}/train.prototxt"] = str(train_net(name, params))
