@@ -30,7 +30,7 @@ from ctxpred.classification import (IGNORE_LABEL, average_precision, bootstrap_i
                                     crop_scores, mean_average_precision, read_split)
 from ctxpred.classification_nets import (BATCH_SIZE, ITERATIONS, SIDES, architecture_for,
                                          deploy_net, solver_text, train_net)
-from ctxpred.training import StopRequests, latest_snapshot
+from ctxpred.training import STOP_FILES, StopRequests, latest_snapshot
 
 TRAIN_LOG_COLUMNS = ("iter", "loss", "lr", "step_s")
 DETECTION_DEPLOY = {"caffenet": "groupless_caffenet.prototxt", "vgg16": "vgg16.prototxt"}
@@ -144,6 +144,10 @@ def train_classifier(caffe, run_dir, run, init=None, progress=None, log=print):
     """Train (resuming from the newest snapshot); returns (final weights path, stop reason)."""
     run_dir = Path(run_dir)
     classes = read_split(run.dataset, run.test_split).classes
+    for name in STOP_FILES:
+        if (run_dir / name).exists():
+            (run_dir / name).unlink()
+            log(f"removed the '{name}' file left by the previous session")
     resume = latest_snapshot(run_dir)
     solver = caffe.get_solver(str(write_run_files(run_dir, run, classes,
                                                   resume[0] if resume else 0)))

@@ -157,3 +157,19 @@ def test_help_and_bad_input(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "classes.txt" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_quit_file_stops_after_the_step_with_a_snapshot(caffe, tiny_detection_set, tmp_path):
+    from ctxpred.classifier import ClassificationRun, train_classifier
+    run = ClassificationRun(dataset=str(tiny_detection_set), mode="fc8", iterations=50,
+                            batch_size=2, snapshot=0)
+    (tmp_path / "quit").write_text("")  # left by an earlier session: removed at the start
+
+    def progress(row):
+        if row["iter"] == 2:
+            (tmp_path / "quit").write_text("")
+
+    final, reason = train_classifier(caffe, tmp_path, run, progress=progress, log=lambda _: None)
+    assert reason == "'quit' file" and final.exists()
+    assert (tmp_path / "model_iter_2.solverstate").exists()
+    assert len((tmp_path / "train.log").read_text().splitlines()) == 3
