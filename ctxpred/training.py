@@ -18,6 +18,8 @@
   training without snapshotting the bad state.
 """
 import collections
+import contextlib
+import importlib
 import json
 import os
 import re
@@ -109,12 +111,20 @@ def write_run_files(run_dir, config, solver_template=None):
 
 
 class StopRequests:
-    """SIGINT / SIGTERM and pause / quit files, as one "please stop" flag."""
+    """SIGINT / SIGTERM and pause / quit files, as one "please stop" flag.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt), except inside
+    :meth:`critical` (a snapshot being written): there it only says that the
+    snapshot is being finished, and a third Ctrl-C abandons it (raising
+    KeyboardInterrupt with what is lost in the message).
+    """
 
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
         self.reason = None
         self._previous = {}
+        self._critical = None
+        self._pressed_in_critical = 0
 
     def __enter__(self):
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -126,9 +136,25 @@ class StopRequests:
             signal.signal(signum, handler)
 
     def _on_signal(self, signum, frame):
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.reason = signal.Signals(signum).name
+        if self.reason is None or signum != signal.SIGINT:
+            self.reason = self.reason or signal.Signals(signum).name
+            return
+        if self._critical is None:
+            raise KeyboardInterrupt("a second Ctrl-C: stopped at once")
+        self._pressed_in_critical += 1
+        if self._pressed_in_critical == 1:
+            os.write(2, f"\nfinishing {self._critical}; Ctrl-C again to abandon it\n".encode())
+            return
+        raise KeyboardInterrupt(f"a third Ctrl-C: abandoned {self._critical}")
+
+    @contextlib.contextmanager
+    def critical(self, what):
+        """A section a second Ctrl-C lets finish (``what`` names it in messages)."""
+        self._critical, self._pressed_in_critical = what, 0
+        try:
+            yield
+        finally:
+            self._critical = None
 
     def requested(self):
         if self.reason is None:
@@ -349,8 +375,14 @@ class TrainingLoop:
         self.log.close()
 
 
+def _solver_snapshot_every(solver_path):
+    match = re.search(r"^\s*snapshot\s*:\s*(\d+)", Path(solver_path).read_text(), re.M)
+    return int(match.group(1)) if match else 0
+
+
 def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_seconds=60.0,
-          flush_seconds=10.0, progress=None, log=print):
+          flush_seconds=10.0, snapshot_every=None, snapshot_minutes=5.0, keep=5,
+          progress=None, log=print, lock=None):
     """Run the solver until ``max_iter`` (or the time budget, or a stop request).
 
     Messages (resume, stop, divergence) go to ``log`` and, timestamped, to
@@ -358,29 +390,85 @@ def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_second
     ``flush_seconds`` and on every stop (normal, signal, divergence,
     exception); training.png is redrawn every ``plot_seconds`` and at the
     end. On resume, train.log rows after the restored iteration are dropped.
+
+    Snapshots (ctxpred.snapshots: atomic, verified on resume) are written
+    every ``snapshot_every`` steps (None: the solver file's ``snapshot``
+    value), every ``snapshot_minutes`` of wall clock (None: never) and when
+    training stops; the newest ``keep`` pairs are kept. A failed step (data
+    loader, I/O) is followed by a snapshot of the last completed step
+    before the error propagates. The run folder is locked for the run
+    (RunFolderLocked when another live trainer holds it); pass ``lock`` (an
+    acquired ``snapshots.RunLock``) when the caller took it earlier.
+
     Returns a dict: final iteration, stop reason, snapshot path, seconds.
-    Raises DivergenceError after leaving the last good snapshot in place.
+    Raises DivergenceError after leaving the last good snapshot in place,
+    SnapshotError when a snapshot cannot be written.
     """
+    from ctxpred import snapshots
     run_dir = Path(run_dir)
+    caffe_pb2 = importlib.import_module("caffe.proto.caffe_pb2")
     show = log
+    events_failed = []
 
     def log(message):
         show(message)
-        with open(run_dir / "events.log", "a", encoding="utf-8") as events:
-            events.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        try:
+            with open(run_dir / "events.log", "a", encoding="utf-8") as events:
+                events.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        except OSError as error:  # never let the event log stop a run
+            if not events_failed:
+                events_failed.append(error)
+                show(f"warning: cannot write events.log: "
+                     f"{snapshots.io_error_text(error, run_dir)}")
 
-    for name in STOP_FILES:
-        if (run_dir / name).exists():
-            (run_dir / name).unlink()
-            log(f"removed the '{name}' file left by the previous session")
-    solver = caffe.get_solver(str(solver_path))
-    resume = latest_snapshot(run_dir)
-    if resume:
-        solver.restore(str(resume[1]))
-        log(f"resuming from {resume[1]} (iteration {solver.iter})")
+    if snapshot_every is None:
+        snapshot_every = _solver_snapshot_every(solver_path)
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
+    own_lock = lock is None
+    if own_lock:
+        lock = snapshots.RunLock(run_dir).acquire()
+    try:
+        if lock.previous_pid and lock.previous_pid != str(os.getpid()):
+            log(f"took over the lock left by PID {lock.previous_pid} (no longer running)")
+        for name in STOP_FILES:
+            if (run_dir / name).exists():
+                (run_dir / name).unlink()
+                log(f"removed the '{name}' file left by the previous session")
+        solver = caffe.get_solver(str(snapshots.staging_solver(solver_path, run_dir)))
+        try:
+            resume = snapshots.find_resume(caffe_pb2, solver.net, run_dir, log)
+        except Exception:
+            close_data_layers(solver.net)
+            raise
+        if resume:
+            solver.restore(str(resume[1]))
+            log(f"resuming from {resume[1]} (iteration {solver.iter})")
+        return _run(solver, run_dir, max_iter, time_budget_s, plot_seconds, flush_seconds,
+                    snapshot_every, snapshot_minutes, keep, progress, log, caffe_pb2,
+                    resume[0] if resume else 0)
+    finally:
+        if own_lock:
+            lock.release()
+
+
+def _run(solver, run_dir, max_iter, time_budget_s, plot_seconds, flush_seconds,
+         snapshot_every, snapshot_minutes, keep, progress, log, caffe_pb2, start_iter):
+    from ctxpred import snapshots
     net = solver.net
     loop = None
-    started, reason, snapshot = time.monotonic(), "max_iter", None
+    started, reason = time.monotonic(), "max_iter"
+    saved = {"iter": start_iter, "at": started}
+    copies = snapshots.history_copies(run_dir / f"{snapshots.PART}.solver.prototxt")
+
+    def save(stop):
+        if solver.iter == saved["iter"]:
+            return
+        with stop.critical(f"the snapshot at iteration {solver.iter}"):
+            snapshots.write_snapshot(solver, run_dir, copies)
+            snapshots.prune_snapshots(run_dir, keep)
+        saved.update(iter=solver.iter, at=time.monotonic())
+
     try:
         with StopRequests(run_dir) as stop:
             loop = TrainingLoop(solver, run_dir, plot_seconds=plot_seconds,
@@ -389,29 +477,50 @@ def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_second
             if loop.log.dropped:
                 log(f"train.log: dropped {loop.log.dropped} rows after iteration {solver.iter} "
                     "or superseded by a later run")
-            while solver.iter < max_iter:
-                stopped = loop.step()
-                if stopped:
-                    reason = stopped
-                    break
-        loop.close()
-        if solver.iter > (resume[0] if resume else 0):
-            solver.snapshot()
-        snapshot = latest_snapshot(run_dir)
+            try:
+                while solver.iter < max_iter:
+                    stopped = loop.step()
+                    if (snapshot_every and solver.iter % snapshot_every == 0) or (
+                            snapshot_minutes is not None
+                            and time.monotonic() - saved["at"] >= 60 * snapshot_minutes):
+                        save(stop)
+                    if stopped:
+                        reason = stopped
+                        break
+            except (DivergenceError, KeyboardInterrupt, snapshots.SnapshotError):
+                raise
+            except Exception as error:  # a failed loader, an I/O error: keep the last step
+                try:
+                    save(stop)
+                    log(f"failed at iteration {solver.iter} ({error}); snapshot written")
+                except Exception as snapshot_error:
+                    log(f"failed at iteration {solver.iter} ({error}); no snapshot: "
+                        f"{snapshot_error}")
+                raise
+            loop.close()
+            save(stop)
+        snapshot = snapshots.snapshot_pairs(run_dir)
         log(f"stopped at iteration {solver.iter} ({reason}); snapshot "
-            f"{snapshot[1] if snapshot else 'none'}")
+            f"{snapshot[0][1] if snapshot else 'none'}")
         loop.plot()
     except DivergenceError as error:
         loop.close()
         loop.plot()
-        good = latest_snapshot(run_dir)
+        good = snapshots.snapshot_pairs(run_dir)
         message = (f"{error}; training stopped, last good snapshot: "
-                   f"{good[1] if good else 'none'}")
+                   f"{good[0][1] if good else 'none'}")
         log(f"diverged: {message}")
         raise DivergenceError(message) from None
+    except KeyboardInterrupt as interrupt:
+        good = snapshots.snapshot_pairs(run_dir)
+        log(f"interrupted at iteration {solver.iter}: {interrupt or 'Ctrl-C'}; newest "
+            f"snapshot {good[0][1] if good else 'none'}")
+        raise
     finally:
-        if loop is not None:
-            loop.close()
-        close_data_layers(net)
-    return dict(iter=solver.iter, reason=reason, snapshot=snapshot and str(snapshot[1]),
+        try:
+            if loop is not None:
+                loop.close()
+        finally:
+            close_data_layers(net)
+    return dict(iter=solver.iter, reason=reason, snapshot=snapshot and str(snapshot[0][1]),
                 seconds=time.monotonic() - started)

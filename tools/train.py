@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
 from ctxpred.nets import NET_NAMES
+from ctxpred.snapshots import RunFolderLocked, RunLock, SnapshotError, io_error_text
 from ctxpred.training import (DivergenceError, RunConfig, default_workers, latest_snapshot,
                               move_aside, progress_printer, train, write_run_files)
 
@@ -64,6 +65,14 @@ def parse_args(argv):
                              "tools/convert_head.py)")
     parser.add_argument("--fresh", action="store_true",
                         help="start over: move an existing run folder aside first")
+    parser.add_argument("--snapshot-every", type=int,
+                        help="snapshot every N steps (default: the solver's snapshot value, "
+                             "2000 for the reference; 0: never by step count)")
+    parser.add_argument("--snapshot-minutes", type=float, default=5,
+                        help="also snapshot every M minutes of wall clock, so that a crash "
+                             "loses minutes, not hours (default: %(default)s; 0: never)")
+    parser.add_argument("--keep", type=int, default=5,
+                        help="keep the newest K snapshot pairs (default: %(default)s)")
     parser.add_argument("--plot-seconds", type=float, default=60,
                         help="redraw training.png every S seconds of wall clock, and at the "
                              "end (default: %(default)s)")
@@ -84,8 +93,32 @@ def main(argv=None):
     except CaffeNotAvailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.fresh and out.exists():
-        print(f"moved the previous run to {move_aside(out)}")
+    for flag, value, least in (("--keep", args.keep, 1),
+                               ("--snapshot-every", args.snapshot_every, 0),
+                               ("--snapshot-minutes", args.snapshot_minutes, 0)):
+        if value is not None and value < least:
+            print(f"error: {flag} must be at least {least}, not {value}", file=sys.stderr)
+            return 2
+    existed = out.exists()
+    try:
+        lock = RunLock(out).acquire()  # before anything in the folder is touched
+    except RunFolderLocked as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        if args.fresh and existed:
+            lock.release()
+            print(f"moved the previous run to {move_aside(out)}")
+            lock = RunLock(out).acquire()
+        return run(args, out, caffe, lock)
+    except RunFolderLocked as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        lock.release()
+
+
+def run(args, out, caffe, lock):
     resume = latest_snapshot(out)
     overrides = {}
     if args.paper:
@@ -116,11 +149,28 @@ def main(argv=None):
         result = train(caffe, solver_path, out, args.iters,
                        time_budget_s=args.minutes * 60 if args.minutes else None,
                        plot_seconds=args.plot_seconds, flush_seconds=args.flush_seconds,
+                       snapshot_every=args.snapshot_every,
+                       snapshot_minutes=args.snapshot_minutes or None, keep=args.keep,
+                       lock=lock,
                        progress=progress_printer(args.iters, resume[0] if resume else 0,
                                                  args.print_seconds))
     except DivergenceError as error:
         print(f"\nerror: training diverged: {error}", file=sys.stderr)
         return 3
+    except SnapshotError as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # train.log, training.png, events: a full disk, an I/O error
+        where = Path(error.filename).parent if error.filename else out
+        print(f"\nerror: {io_error_text(error, where)}"
+              f"{f' (writing {Path(error.filename).name})' if error.filename else ''}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as interrupt:
+        newest = latest_snapshot(out)
+        print(f"\ninterrupted: {interrupt or 'Ctrl-C'}; newest snapshot "
+              f"{newest[1] if newest else 'none'}", file=sys.stderr)
+        return 130
     except (ValueError, RuntimeError) as error:  # no usable image, a failed loader
         print(f"\nerror: {error}", file=sys.stderr)
         return 2
