@@ -263,6 +263,26 @@ def bootstrap_interval(labels, scores, resamples=1000, seed=0, level=0.95):
     return float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))
 
 
+def map_difference(labels, first, second, resamples=1000, seed=0, level=0.95):
+    """(mAP(second) - mAP(first), (low, high)): a paired bootstrap over the same images."""
+    labels, first, second = np.asarray(labels), np.asarray(first), np.asarray(second)
+    if first.shape != second.shape or first.shape != labels.shape:
+        raise ClassificationError(f"scores {first.shape} and {second.shape} do not match the "
+                                  f"labels {labels.shape}")
+    difference = mean_average_precision(labels, second)[0] - mean_average_precision(labels,
+                                                                                     first)[0]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        picks = rng.integers(0, len(labels), len(labels))
+        value = (mean_average_precision(labels[picks], second[picks])[0]
+                 - mean_average_precision(labels[picks], first[picks])[0])
+        if not np.isnan(value):
+            values.append(value)
+    tail = (1 - level) / 2
+    return difference, (float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail)))
+
+
 def crop_scores(net, images, crops, crop, seed=0, batch_size=16, output="fc8_cls",
                 progress=None):
     """(n, classes) scores: ``output`` summed over ``crops`` augmented crops per image.

@@ -173,3 +173,23 @@ def test_quit_file_stops_after_the_step_with_a_snapshot(caffe, tiny_detection_se
     assert reason == "'quit' file" and final.exists()
     assert (tmp_path / "model_iter_2.solverstate").exists()
     assert len((tmp_path / "train.log").read_text().splitlines()) == 3
+
+
+def test_map_difference_and_compare_tool(tmp_path, rng):
+    from ctxpred.classification import map_difference
+    labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [1, IGNORE_LABEL], [0, 1]] * 3)
+    perfect = labels.astype(np.float64) % IGNORE_LABEL + rng.uniform(0, 0.1, labels.shape)
+    noise = rng.uniform(0, 1, labels.shape)
+    difference, (low, high) = map_difference(labels, perfect, perfect)
+    assert difference == 0 and low == high == 0
+    difference, (low, high) = map_difference(labels, noise, perfect)
+    assert difference == pytest.approx(1 - mean_average_precision(labels, noise)[0])
+    assert 0 < low <= difference <= high
+    for name, scores in (("a", noise), ("b", perfect)):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "scores.npz", labels=labels, scores_1=scores)
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "compare_classifiers.py"),
+                             str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"second 100.0, difference {100 * difference:+.1f}" in result.stdout
