@@ -169,12 +169,14 @@ def write_snapshot(solver, run_dir, history_copies=1):
         _fsync_dir(run_dir)
         os.replace(part[1], final[1])
         _fsync_dir(run_dir)
-    except OSError as error:
+    except BaseException as error:  # an I/O error, or a forced stop (third Ctrl-C)
         for leftover in part:
             try:
                 leftover.unlink()
             except OSError:
                 pass
+        if not isinstance(error, OSError):
+            raise
         message = f"{io_error_text(error, run_dir)}: snapshot at iteration {iteration} not written"
         if error.errno == errno.ENOSPC and error.strerror and "needs about" in error.strerror:
             message += f" ({error.strerror.split(': ', 1)[1]})"
@@ -334,8 +336,11 @@ class RunLock:
             raise
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
         self.previous_pid = previous or None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds, only its PID note is missing
+            pass
         self._fd = fd
         return self
 
@@ -343,6 +348,8 @@ class RunLock:
         if self._fd is not None:
             try:
                 os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
             finally:
                 os.close(self._fd)  # closing drops the lock
                 self._fd = None

@@ -255,3 +255,23 @@ def test_full_disk_during_a_snapshot_is_one_line_and_keeps_the_previous_pair(
     assert [i for i, _ in snapshots.snapshot_pairs(out)] == [1]
     verify_all(caffe, out)
     assert not list(out.glob(".part_iter_*"))
+
+    filler = small_tmpfs / "filler"  # now nothing at all is left: train.log cannot grow
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * (1 << 20))
+                handle.flush()
+        except OSError:
+            pass
+    full = run_tool(photo_folder, out, "--iters", "3", "--flush-seconds", "0")
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    assert full.stderr.strip().startswith("error: no space left on device in ")
+    assert len(full.stderr.strip().splitlines()) == 1
+    assert [i for i, _ in snapshots.snapshot_pairs(out)] == [1]
+
+    filler.unlink()  # the next run starts from the kept pair (a new one needs room for two)
+    again = run_tool(photo_folder, out, "--iters", "1")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "model_iter_1.solverstate (iteration 1)" in again.stdout
+    np.testing.assert_array_equal(read_log(out / "train.log")["iter"], [1])

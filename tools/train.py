@@ -114,6 +114,9 @@ def main(argv=None):
     except RunFolderLocked as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # writing the run files: a full disk, an I/O error
+        print(f"error: {io_error_text(error, out)}", file=sys.stderr)
+        return 1
     finally:
         lock.release()
 
