@@ -275,3 +275,23 @@ def test_full_disk_during_a_snapshot_is_one_line_and_keeps_the_previous_pair(
     assert again.returncode == 0, again.stderr[-2000:]
     assert "model_iter_1.solverstate (iteration 1)" in again.stdout
     np.testing.assert_array_equal(read_log(out / "train.log")["iter"], [1])
+
+
+def test_disk_filling_up_while_training_stops_with_one_line(small_tmpfs, photo_folder):
+    out = small_tmpfs / "run"
+    process = start_tool(photo_folder, out, "--snapshot-minutes", "0", "--flush-seconds", "0")
+    filler = small_tmpfs / "filler"
+    with open(filler, "wb") as handle:  # fill the file system while the run goes on
+        try:
+            while True:
+                handle.write(b"\0" * (1 << 20))
+                handle.flush()
+        except OSError:
+            pass
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-2000:]
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.strip().startswith(f"error: no space left on device in {out}")
+    assert "warning: cannot write events.log" in stdout
+    rows = read_log(out / "train.log")["iter"]  # what was written is whole
+    np.testing.assert_array_equal(rows, np.arange(1, len(rows) + 1))

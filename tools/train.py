@@ -12,9 +12,17 @@ snapshot. train.log is written every --flush-seconds and on every stop;
 training.png is redrawn every --plot-seconds. With --gpu, the loader uses one
 process per CPU core but one unless --workers is given.
 Ctrl-C, SIGTERM, or a file named 'pause' or 'quit' in the run
-folder stops after the current step with a snapshot (exit 0). Divergence
-(the reference's checks every 100 steps) stops with exit 3, keeping the last
-good snapshot.
+folder stops after the current step with a snapshot (exit 0); a second
+Ctrl-C while that snapshot is written lets it finish, a third abandons it
+(exit 130). Divergence (the reference's checks every 100 steps) stops with
+exit 3, keeping the last good snapshot.
+
+Snapshots are written every --snapshot-every steps and --snapshot-minutes
+minutes under temporary names and renamed when complete; the newest --keep
+pairs are kept; a damaged newest pair is moved to <run>/damaged/ on resume
+and the previous one used. A full disk or an I/O error stops with one line
+naming the folder (exit 1), the previous pair intact. One trainer per run
+folder: a second one exits with the PID of the first (exit 2).
 """
 import argparse
 import sys
