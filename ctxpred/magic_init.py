@@ -143,9 +143,9 @@ def analysis_net(net_param, input_shape=None, dropout="train"):
 
     Returns (NetParameter, [note strings]). Raises MagicInitError for an
     unknown ``dropout`` mode, and naming the layer for BatchNorm (fold it
-    first with tools/debatchnorm.py) and other unsupported types, input layers after computing layers, more than one
-    input with ``input_shape``, a blob read but no longer produced, and a net
-    without parameter layers.
+    first with tools/debatchnorm.py) and other unsupported types, input
+    layers after computing layers, more than one input with ``input_shape``,
+    a blob read but no longer produced, and a net without parameter layers.
     """
     if dropout not in DROPOUT_MODES:
         raise MagicInitError(f"unknown Dropout mode {dropout!r} (one of "

@@ -123,7 +123,8 @@ def _run_layer(net, index, data, tops, count):
 
 
 def _channels_last(arrays):
-    """All batches of a blob as (samples, channels): channel axis 1, samples over batch and space."""
+    """All batches of a blob as (samples, channels): channels on axis 1, samples over batch
+    and space."""
     return np.concatenate([array.swapaxes(0, 1).reshape(array.shape[1], -1).T
                            for array in arrays])
 

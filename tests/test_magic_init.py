@@ -17,8 +17,8 @@ from PIL import Image
 
 from ctxpred import magic_init_reference as reference
 from ctxpred.layers import close_data_layers
-from ctxpred.magic_init import (MEAN_BGR, TYPES, MagicInitError, NetUnderInit, analysis_net, build_net,
-                                image_batches, input_size)
+from ctxpred.magic_init import (MEAN_BGR, TYPES, MagicInitError, NetUnderInit, analysis_net,
+                                build_net, image_batches, input_size)
 from ctxpred.nets import data_layer_params, train_net
 from ctxpred.surgery import read_net_param
 from ctxpred.weights import read_weights, write_weights
@@ -387,9 +387,9 @@ def test_help_and_flags():
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     args = tool.parse_args(["-c", "net.prototxt", "out.caffemodel"])
-    assert args.cs and args.gpu is None and args.dropout == "train" and (args.bias, args.type, args.s, args.bs,
-                                             args.nit, args.mem_limit) == (0.1, "elwise", 1.0,
-                                                                           16, 10, 500)
+    assert args.cs and args.gpu is None and args.dropout == "train"
+    assert (args.bias, args.type, args.s, args.bs, args.nit, args.mem_limit) == (
+        0.1, "elwise", 1.0, 16, 10, 500)
     result = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True,
                             text=True)
     assert result.returncode == 0 and "Example" in result.stdout

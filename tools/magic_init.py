@@ -32,8 +32,8 @@ import numpy as np
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
 from ctxpred.images import open_source
-from ctxpred.magic_init import (DROPOUT_MODES, TYPES, NetUnderInit, analysis_net, build_net, data_layer_batches,
-                                image_batches, input_size, summary_lines)
+from ctxpred.magic_init import (DROPOUT_MODES, TYPES, NetUnderInit, analysis_net, build_net,
+                                data_layer_batches, image_batches, input_size, summary_lines)
 from ctxpred.surgery import load_params, net_param_shapes, read_net_param
 from ctxpred.weights import read_weights, write_weights
 
