@@ -16,7 +16,7 @@ The route (:mod:`ctxpred.classification`, :mod:`ctxpred.classification_nets`):
 
 The folder holds run.json, init.caffemodel, train.prototxt, deploy.prototxt,
 solver.prototxt, model_iter_N.{caffemodel,solverstate}, train.log (iter,
-loss, lr, step seconds), events.log, final.caffemodel, results.json,
+loss, lr, step seconds), training.png, events.log, final.caffemodel, results.json,
 scores.npz and precision_recall.png.
 """
 import json
@@ -184,11 +184,35 @@ def train_classifier(caffe, run_dir, run, init=None, progress=None, log=print):
         solver.snapshot()
     final = run_dir / "final.caffemodel"
     net.save(str(final))
+    plot_training(log_path, run_dir / "training.png")
     with open(run_dir / "events.log", "a") as events:
         events.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} stopped at iteration "
                      f"{solver.iter} ({reason})\n")
     log(f"stopped at iteration {solver.iter} ({reason}); weights {final}")
     return final, reason
+
+
+def plot_training(log_path, path, window=20):
+    """training.png: the loss per step and its running mean over ``window`` steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [line.split("\t") for line in Path(log_path).read_text().splitlines()[1:] if line]
+    if not rows:
+        return
+    steps = np.array([int(row[0]) for row in rows])
+    loss = np.array([float(row[1]) for row in rows])
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid") \
+        if len(loss) >= window else loss
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot(steps, loss, lw=0.5, alpha=0.5, label="loss per step")
+    axes.plot(steps[len(steps) - len(smooth):], smooth, label=f"mean of {window}")
+    axes.set(xlabel="iteration", ylabel="sigmoid cross-entropy / image",
+             title=Path(path).parent.name)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def precision_recall(labels, scores):

@@ -172,6 +172,7 @@ def test_quit_file_stops_after_the_step_with_a_snapshot(caffe, tiny_detection_se
     final, reason = train_classifier(caffe, tmp_path, run, progress=progress, log=lambda _: None)
     assert reason == "'quit' file" and final.exists()
     assert (tmp_path / "model_iter_2.solverstate").exists()
+    assert (tmp_path / "training.png").stat().st_size > 0
     assert len((tmp_path / "train.log").read_text().splitlines()) == 3
 
 
