@@ -28,7 +28,8 @@ patch_dir="$here/caffe_patches"
 
 python=""
 cuda=0
-cuda_arch="60;70;75;80;86;89;90"
+cuda_arch=""          # default chosen from the toolkit's major version below
+cuda_toolkit=auto
 jobs=$(nproc)
 cache="${CTXPRED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ctxpred}"
 
@@ -53,8 +54,19 @@ Options:
   --python PY      interpreter to build pycaffe for and to link into
                    (default: .venv/bin/python of the checkout if present,
                    else python3). numpy must be installed in it.
-  --cuda           build with CUDA (CPU_ONLY=OFF, no cuDNN); needs nvcc.
-  --cuda-arch LIST CUDA architectures for --cuda (default: ${cuda_arch}).
+  --cuda           build with CUDA (CPU_ONLY=OFF, no cuDNN). The toolkit is
+                   the one of nvcc on PATH (CUDA 12.x or 13.x) when it also
+                   has cuBLAS and cuRAND; otherwise the CUDA 13.0 wheels
+                   pinned in tools/cuda_wheels.txt are installed from PyPI
+                   into the cache (no root needed; tools/cuda_toolkit.py).
+                   Needs no GPU or driver to build.
+  --cuda-toolkit auto|pypi|DIR
+                   where the toolkit comes from: auto (above), pypi (always
+                   the pinned wheels), or a toolkit root DIR (default: auto).
+  --cuda-arch LIST compute capabilities to build for, e.g. "90" or "80;90"
+                   (default for CUDA 13: 75;80;86;89;90;100;120, Turing and
+                   newer; for CUDA 12: 60;70;75;80;86;89;90). Fewer
+                   architectures build faster: each one adds minutes.
   --jobs N         parallel compile jobs (default: nproc = ${jobs}).
   --cache DIR      cache folder (default: ${cache}; env CTXPRED_CACHE).
   --print-prefix   print the install folder the options select and exit.
@@ -71,6 +83,7 @@ while [ $# -gt 0 ]; do
     --python) python="$2"; shift 2 ;;
     --cuda) cuda=1; shift ;;
     --cuda-arch) cuda_arch="$2"; shift 2 ;;
+    --cuda-toolkit) cuda_toolkit="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
     --cache) cache="$2"; shift 2 ;;
     --print-prefix) print_prefix=1; shift ;;
@@ -88,19 +101,60 @@ fi
 command -v "$python" >/dev/null || die "Python interpreter '$python' not found"
 python=$(command -v "$python")
 
+# A toolkit root is usable when it has nvcc, the runtime, cuBLAS and cuRAND.
+toolkit_is_complete() {
+  [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime.h" ] && [ -f "$1/include/cublas_v2.h" ] &&
+  [ -f "$1/include/curand.h" ] && ls "$1"/lib*/libcublas.so >/dev/null 2>&1 &&
+  ls "$1"/lib*/libcurand.so >/dev/null 2>&1
+}
+
 if [ "$cuda" = 1 ]; then
-  nvcc=$(command -v nvcc || true)
-  [ -n "$nvcc" ] || die "--cuda needs the CUDA toolkit (nvcc not on PATH). Install CUDA, or build without --cuda for the CPU."
-  cuda_root=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
-  [ -f "$cuda_root/include/cuda_runtime.h" ] || die "--cuda: nvcc found at $nvcc but $cuda_root/include/cuda_runtime.h is missing: the CUDA toolkit is incomplete."
+  case "$cuda_toolkit" in
+    auto)
+      nvcc=$(command -v nvcc || true)
+      cuda_root=""
+      if [ -n "$nvcc" ]; then
+        # nvcc may be a wrapper script: ask it where it lives.
+        cuda_root=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
+        top=$(cd /tmp && "$nvcc" -dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+        [ -n "$top" ] && cuda_root=$(readlink -f "$top")
+      fi
+      if [ -n "$cuda_root" ] && toolkit_is_complete "$cuda_root"; then
+        say "using the CUDA toolkit of $nvcc ($cuda_root)"
+      else
+        [ -n "$nvcc" ] && say "the CUDA toolkit at ${cuda_root:-$nvcc} lacks cuBLAS or cuRAND: using the pinned PyPI wheels"
+        cuda_toolkit=pypi
+      fi ;;
+    pypi) ;;
+    *) cuda_root=$(readlink -f "$cuda_toolkit")
+       toolkit_is_complete "$cuda_root" || die "--cuda-toolkit $cuda_toolkit: not a CUDA toolkit root with bin/nvcc, cuda_runtime.h, cuBLAS and cuRAND" ;;
+  esac
+  if [ "$cuda_toolkit" = pypi ]; then
+    mkdir -p "$cache"
+    cuda_root=$("$python" "$here/cuda_toolkit.py" --cache "$cache" --python "$python") ||
+      die "could not install the CUDA toolkit wheels (message above); nothing was left in $cache"
+  fi
+  cuda_version=$("$cuda_root/bin/nvcc" --version | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p')
+  [ -n "$cuda_version" ] || die "cannot read the CUDA version from $cuda_root/bin/nvcc --version"
+  case "$cuda_version" in
+    13.*) default_arch="75;80;86;89;90;100;120" ;;
+    12.*) default_arch="60;70;75;80;86;89;90" ;;
+    *) die "CUDA $cuda_version at $cuda_root is not supported: use CUDA 12.x or 13.x (or --cuda-toolkit pypi)" ;;
+  esac
+  cuda_arch=${cuda_arch:-$default_arch}
   flavour=cuda
 else
   flavour=cpu
 fi
 
 py_version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-key=$( { echo "$SOURCE_PACKAGE $SOURCE_VERSION $SOURCE_SHA256 $flavour $cuda_arch $py_version";
-         printf '%s\n' "${CMAKE_OPTIONS[@]}"; cat "$patch_dir"/*.patch; } | sha256sum | cut -c1-12)
+# CUDA-only patches (tools/caffe_patches/cuda/) and the toolkit version enter
+# the key of CUDA builds only, so the CPU install is unaffected by them.
+patches=("$patch_dir"/*.patch)
+[ "$cuda" = 0 ] || patches+=("$patch_dir"/cuda/*.patch)
+key=$( { echo "$SOURCE_PACKAGE $SOURCE_VERSION $SOURCE_SHA256 $flavour $py_version";
+         if [ "$cuda" = 1 ]; then echo "cuda $cuda_version $cuda_arch"; fi
+         printf '%s\n' "${CMAKE_OPTIONS[@]}"; cat "${patches[@]}"; } | sha256sum | cut -c1-12)
 prefix="$cache/caffe-$flavour-$key"
 if [ "$print_prefix" = 1 ]; then echo "$prefix"; exit 0; fi
 
@@ -184,7 +238,7 @@ work=$(mktemp -d "$cache/build-XXXXXX")
 trap 'rm -rf "$work"' EXIT
 tar -xzf "$tarball" -C "$work"
 src="$work/$SOURCE_PACKAGE-$SOURCE_VERSION"
-for p in "$patch_dir"/*.patch; do
+for p in "${patches[@]}"; do
   patch -d "$src" -p1 --quiet --forward < "$p" || die "patch $(basename "$p") does not apply"
 done
 
@@ -220,9 +274,9 @@ make -C "$work/build" -j"$jobs" install DESTDIR="$work/stage" > "$work/build.log
 
 staged="$work/stage$prefix"
 cp "$work/build.log" "$staged/build.log"
-printf '{"source": "%s==%s", "cuda": %s, "cuda_arch": "%s", "python": "%s"}\n' \
+printf '{"source": "%s==%s", "cuda": %s, "cuda_version": "%s", "cuda_arch": "%s", "cuda_root": "%s", "python": "%s"}\n' \
   "$SOURCE_PACKAGE" "$SOURCE_VERSION" "$([ "$cuda" = 1 ] && echo true || echo false)" \
-  "$cuda_arch" "$py_version" > "$staged/build_info.json"
+  "${cuda_version:-}" "${cuda_arch:-}" "${cuda_root:-}" "$py_version" > "$staged/build_info.json"
 touch "$staged/.complete"
 mv "$staged" "$prefix"
 install_is_complete || die "the new install at $prefix does not import; see $prefix"
