@@ -10,9 +10,12 @@
    fc7/fc8 -> SoftmaxWithLoss + Accuracy), small enough that a CPU step
    takes tens of milliseconds so that the loop's own cost is visible. Single
    steps alternate in the order bare, loop, loop, bare (repeated), so both
-   see the same machine load and data loader and neither always goes first; the ratio is total loop time over total
-   bare time (also shown per half of the run, and as a ratio of medians,
-   which leaves out the periodic flush and plot). Goal: <= 1.02.
+   see the same machine load and data loader and neither always goes first;
+   the ratio is total loop time over total bare time, with a 95% bootstrap
+   interval over the step pairs (also shown per half of the run, and as a
+   ratio of medians, which leaves out the periodic flush and plot). Not
+   included: the snapshots themselves (every --snapshot-minutes), which are
+   not per-step bookkeeping. Goal: <= 1.02.
 2. Plot refresh: one training.png refresh (from the running summary of
    train.log) after 10^3 and after 10^5 logged steps, timed alternately,
    median of --repeats. Goal: ratio <= 1.5. For contrast, the refresh that the

@@ -159,8 +159,10 @@ def main(argv=None):
                   f"data wait {row['data_wait_s']:.2f} s)", flush=True)
 
     print(f"training color_dropping for {args.minutes:g} minutes")
+    # Each demo starts afresh: one snapshot at the end, none on the way (they
+    # would take seconds of the budget and gigabytes of disk)
     result = train(caffe, solver_path, out, max_iter=10 ** 9, time_budget_s=args.minutes * 60,
-                   plot_seconds=30, progress=show)
+                   plot_seconds=30, snapshot_minutes=None, keep=1, progress=show)
     print(f"stopped at iteration {result['iter']} ({result['reason']})")
     summary = dict(device=device, iterations=result["iter"], train_seconds=result["seconds"],
                    images=args.images, heldout=args.heldout, max_patches=args.max_patches,
