@@ -47,6 +47,10 @@ from ctxpred.layers import close_data_layers  # noqa: E402
 from ctxpred.nets import NET_NAMES, data_layer_params, train_net  # noqa: E402
 
 FAST_RCNN_MODEL = "CaffeNetGroupless"
+# ||gpu - cpu|| / ||cpu|| allowed for net outputs and for parameter gradients
+# (float32, different summation orders through up to 16 layers and BatchNorm).
+OUTPUT_TOLERANCE = 1e-4
+GRADIENT_TOLERANCE = 1e-2
 
 
 def with_input_layer(proto, shapes, dropout_ratio=None):
@@ -142,15 +146,25 @@ def agreement(caffe, name, proto, batch, gpu):
     caffe.Net(str(path), caffe.TRAIN).save(str(weights))
     cpu = run_net(caffe, path, weights, batch, None)
     other = run_net(caffe, path, weights, batch, gpu)
-    errors = {}
+    errors, norms = {}, {}
     for key, reference in cpu.items():
-        scale = float(np.linalg.norm(reference))
-        errors[key] = float(np.linalg.norm(other[key] - reference)) / max(scale, 1e-30)
+        norms[key] = float(np.linalg.norm(reference))
+        errors[key] = float(np.linalg.norm(other[key] - reference)) / max(norms[key], 1e-30)
     outputs = {k: v for k, v in errors.items() if not k.endswith(" grad")}
     grads = {k: v for k, v in errors.items() if k.endswith(" grad")}
-    worst = max(grads, key=grads.get)
-    return dict(batch={k: list(v.shape) for k, v in batch.items()},
-                outputs=outputs, max_grad_error=grads[worst], worst_grad=worst,
+    # A bias followed by BatchNorm has a gradient that is zero in exact arithmetic
+    # (BatchNorm removes the mean): both devices give rounding noise, whose
+    # relative difference means nothing. Such gradients, under 1e-6 of the
+    # same layer's weight gradient, are reported but not judged.
+    judged = {k: v for k, v in grads.items()
+              if norms[k] >= 1e-6 * norms.get(k.split("/")[0] + "/0 grad", 0.0)}
+    worst = max(judged, key=judged.get)
+    passed = (max(outputs.values()) <= OUTPUT_TOLERANCE
+              and judged[worst] <= GRADIENT_TOLERANCE)
+    return dict(batch={k: list(v.shape) for k, v in batch.items()}, passed=passed,
+                outputs=outputs, max_grad_error=judged[worst], worst_grad=worst,
+                near_zero_grads={k: dict(error=grads[k], cpu_norm=norms[k])
+                                 for k in grads if k not in judged},
                 grad_errors=grads, cpu_outputs={k: float(np.ravel(cpu[k])[0]) for k in outputs},
                 gpu_outputs={k: float(np.ravel(other[k])[0]) for k in outputs})
 
@@ -375,6 +389,8 @@ def main(argv=None):
     report["total_seconds"] = round(time.time() - started, 1)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     failed = [stage for stage in stages if "error" in report.get(stage, {})]
+    failed += [f"agreement {net}" for net, result in report.get("agreement", {}).items()
+               if isinstance(result, dict) and result.get("passed") is False]
     print(json.dumps(compact(report)))
     print(f"[gpu_check] done in {report['total_seconds']} s; failed stages: {failed or 'none'}")
     return 1 if failed or "error" in report else 0

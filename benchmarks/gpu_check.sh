@@ -29,15 +29,15 @@ echo "[gpu_check.sh] unpacked in $(( $(date +%s) - start )) s"
 host_site=${CV2_SITE:-$(python3 -c 'import cv2, os; print(os.path.dirname(os.path.dirname(cv2.__file__)))')}
 mkdir -p "$runtime/hostsite"
 for entry in "$host_site"/cv2 "$host_site"/opencv_*.libs; do
-  [ -e "$entry" ] && ln -sfn "$entry" "$runtime/hostsite/"
+  if [ -e "$entry" ]; then ln -sfn "$entry" "$runtime/hostsite/"; fi
 done
 cuda_dirs=""
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
   host_packages=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
   for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10; do
-    dir=$(find $host_packages /usr/local/cuda/lib64 -name "$lib" -printf '%h\n' 2>/dev/null | head -1)
-    [ -n "$dir" ] && cuda_dirs="$cuda_dirs:$dir"
+    dir=$(find $host_packages /usr/local/cuda/lib64 -name "$lib" -printf '%h\n' 2>/dev/null | head -1 || true)
+    if [ -n "$dir" ]; then cuda_dirs="$cuda_dirs:$dir"; fi
   done
 fi
 export PYTHONHOME="$runtime/python"
