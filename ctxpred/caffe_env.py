@@ -107,32 +107,46 @@ def gpu_status(device=0):
     runtime_number, driver_number, count = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
     runtime.cudaRuntimeGetVersion(ctypes.byref(runtime_number))
     runtime.cudaDriverGetVersion(ctypes.byref(driver_number))
-    runtime_version = _cuda_version(runtime_number.value)
-    driver_version = _cuda_version(driver_number.value)
-    needs = _MIN_DRIVER.get(runtime_number.value // 1000)
+    count_error = None
+    if 0 < driver_number.value:
+        code = runtime.cudaGetDeviceCount(ctypes.byref(count))
+        if code != 0:
+            runtime.cudaGetErrorString.restype = ctypes.c_char_p
+            count_error = f"{runtime.cudaGetErrorString(code).decode(errors='replace')} (error {code})"
+    return describe_cuda(runtime_number.value, driver_number.value, count.value, count_error,
+                         device)
+
+
+def describe_cuda(runtime_number, driver_number, device_count, count_error, device):
+    """The :class:`GpuStatus` for what the CUDA runtime reported.
+
+    runtime_number, driver_number: as cudaRuntimeGetVersion / cudaDriverGetVersion
+    give them (1000 * major + 10 * minor; the driver's is 0 without a driver);
+    count_error: cudaGetDeviceCount's error in words, or None.
+    """
+    runtime_version = _cuda_version(runtime_number)
+    driver_version = _cuda_version(driver_number)
+    needs = _MIN_DRIVER.get(runtime_number // 1000)
     needs_text = f" (needs an NVIDIA driver >= {needs})" if needs else ""
-    if driver_number.value == 0:
+    if driver_number == 0:
         return GpuStatus(False, f"no NVIDIA driver is present on this machine: this Caffe "
                                 f"was built with CUDA {runtime_version}{needs_text}. Drop --gpu "
                                 "to run on the CPU.", runtime_version)
-    if driver_number.value < runtime_number.value:
+    if driver_number < runtime_number:
         return GpuStatus(False, f"the NVIDIA driver supports CUDA up to {driver_version}, "
                                 f"older than the CUDA {runtime_version} this Caffe was built "
                                 f"with{needs_text}: update the driver, or rebuild Caffe with "
                                 f"CUDA {driver_version}.", runtime_version, driver_version)
-    code = runtime.cudaGetDeviceCount(ctypes.byref(count))
-    if code != 0:
-        runtime.cudaGetErrorString.restype = ctypes.c_char_p
-        message = runtime.cudaGetErrorString(code).decode(errors="replace")
-        return GpuStatus(False, f"no usable GPU: the CUDA runtime says '{message}' "
-                                f"(error {code}).", runtime_version, driver_version)
-    if not 0 <= device < count.value:
-        return GpuStatus(False, f"only {count.value} GPU(s) are visible (devices "
-                                f"0..{count.value - 1}).", runtime_version, driver_version,
-                         count.value)
-    return GpuStatus(True, f"GPU {device} of {count.value}, CUDA runtime {runtime_version}, "
+    if count_error is not None:
+        return GpuStatus(False, f"no usable GPU: the CUDA runtime says '{count_error}'.",
+                         runtime_version, driver_version)
+    if not 0 <= device < device_count:
+        return GpuStatus(False, f"only {device_count} GPU(s) are visible (devices "
+                                f"0..{device_count - 1}).", runtime_version, driver_version,
+                         device_count)
+    return GpuStatus(True, f"GPU {device} of {device_count}, CUDA runtime {runtime_version}, "
                            f"driver {driver_version}", runtime_version, driver_version,
-                     count.value)
+                     device_count)
 
 
 def caffe_has_cuda():

@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from ctxpred.caffe_env import CaffeNotAvailable, caffe_has_cuda, gpu_status, load_caffe
+from ctxpred.caffe_env import (CaffeNotAvailable, caffe_has_cuda, describe_cuda, gpu_status,
+                               load_caffe)
 from ctxpred.weights import read_weights
 
 
@@ -37,6 +38,24 @@ def test_load_caffe_refuses_an_unusable_gpu_in_one_line(caffe, tmp_path):
     spec.blobs["data"].data[...] = 1.5
     assert np.all(spec.forward()["out"] == 3.0)
 
+
+
+def test_cuda_status_names_versions_and_devices():
+    """What the user reads for each thing the CUDA runtime can report."""
+    old_driver = describe_cuda(13000, 12040, 0, None, 0)
+    assert not old_driver.usable
+    assert "up to 12.4" in old_driver.reason and "CUDA 13.0" in old_driver.reason
+    assert ">= 580" in old_driver.reason
+    no_driver = describe_cuda(12080, 0, 0, None, 0)
+    assert "no NVIDIA driver" in no_driver.reason and "12.8" in no_driver.reason
+    assert ">= 525" in no_driver.reason
+    busy = describe_cuda(13000, 13000, 0, "all CUDA-capable devices are busy (error 46)", 0)
+    assert "busy" in busy.reason and not busy.usable
+    missing = describe_cuda(13000, 13000, 2, None, 2)
+    assert not missing.usable and "only 2 GPU(s)" in missing.reason and "0..1" in missing.reason
+    fine = describe_cuda(13000, 13020, 1, None, 0)
+    assert fine.usable and fine.driver_version == "13.2" and fine.device_count == 1
+    assert all("\n" not in s.reason for s in (old_driver, no_driver, busy, missing, fine))
 
 
 def test_net_from_prototxt_inner_product(caffe, tmp_path, rng):
