@@ -338,7 +338,9 @@ class BatchAssembler:
         config = self.config
         name = self.source.name(index)
         try:
-            image = decode_rgb(self.source.read_bytes(index), name, max_pixels=config.max_pixels)
+            # An image smaller than one patch would only be upscaled to a blur: skipped.
+            image = decode_rgb(self.source.read_bytes(index), name, max_pixels=config.max_pixels,
+                               min_side=config.geometry.patch)
         except ImageError as error:
             self._undecodable.add(index)
             self._record_skip(name, error.reason)

@@ -29,6 +29,7 @@ from ctxpred.detection import (DetectionConfig, detect_dataset, read_classes,
                                unnormalised_bbox_weights)
 from ctxpred.fast_rcnn import inference_net, train_net
 from ctxpred.roi_data import RoIData
+from ctxpred.surgery import load_weights_file
 from ctxpred.training import StopRequests, latest_snapshot
 from ctxpred.voc import evaluate_detections
 
@@ -129,7 +130,7 @@ def train_detector(caffe, run_dir, run, progress=None, log=print):
         solver.restore(str(resume[1]))
         log(f"resuming from {resume[1]} (iteration {solver.iter})")
     elif run.init:
-        solver.net.copy_from(str(run.init))
+        load_weights_file(solver.net, run.init)
         log(f"initial weights: {run.init}")
     net, data_layer = solver.net, _data_layer(solver.net)
     log_path = run_dir / "train.log"
@@ -173,8 +174,8 @@ def evaluate_detector(caffe, run_dir, run, weights=None, progress=None):
     """
     run_dir = Path(run_dir)
     classes = read_classes(run.dataset)
-    net = caffe.Net(str(run_dir / "test.prototxt"), str(weights or run_dir / "final.caffemodel"),
-                    caffe.TEST)
+    net = caffe.Net(str(run_dir / "test.prototxt"), caffe.TEST)
+    load_weights_file(net, weights or run_dir / "final.caffemodel")
     detections, annotations = detect_dataset(net, run.dataset, run.test_split,
                                              run.proposals_path, classes, run.config, progress)
     (run_dir / "detections.json").write_text(json.dumps(

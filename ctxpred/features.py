@@ -67,7 +67,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ctxpred.caffe_env import import_caffe
-from ctxpred.images import FileSource, ImageError, ImageSource, decode_rgb
+from ctxpred.images import (DEFAULT_MAX_PIXELS, FileSource, ImageError, ImageSource, decode_rgb,
+                            decode_rgb_within, limit_pixels)
 from ctxpred.nets import MEAN_RGB, PATCH
 from ctxpred.preprocess import crop_patches
 from ctxpred.surgery import fold_batchnorm, read_net_param
@@ -333,44 +334,27 @@ def grid_corners(height, width, step=PATCH, patch=PATCH):
     return np.stack([ys.ravel(), xs.ravel()], axis=1).astype(np.int64)
 
 
-def limit_pixels(image, max_pixels=None):
-    """(image shrunk to at most ``max_pixels`` pixels, aspect kept, cv2.INTER_AREA; scale).
-
-    scale: new width over old width. None, or an image already small enough,
-    comes back unchanged with scale 1.0.
-    """
-    height, width = image.shape[:2]
-    if max_pixels is None or height * width <= max_pixels:
-        return image, 1.0
-    scale = (max_pixels / (height * width)) ** 0.5
-    size = (max(1, int(width * scale)), max(1, int(height * scale)))  # floor: stays <= max_pixels
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), size[0] / width
-
-
-def _decode(source, index, max_pixels=None):
-    """(image, scale) of image ``index``; ImageError naming it when unreadable."""
-    name = source.name(index)
-    return limit_pixels(decode_rgb(source.read_bytes(index), name), max_pixels)
-
-
-def sampled_patches(source: ImageSource, mode, per_image=16, seed=0, max_pixels=None,
-                    patch=PATCH, step=None) -> Iterator[ImagePatches]:
+def sampled_patches(source: ImageSource, mode, per_image=16, seed=0,
+                    max_pixels=DEFAULT_MAX_PIXELS, patch=PATCH,
+                    step=None) -> Iterator[ImagePatches]:
     """One :class:`ImagePatches` per image of ``source``, in order, decoded one at a time.
 
     mode "random": ``per_image`` patches at uniform positions (with
     repetition), drawn from ``np.random.default_rng([seed, index])``, so an
     image's patches depend only on the seed and its index. mode "grid": the
     grid of :func:`grid_corners` with ``step`` pixels (default: the patch
-    side, patches without overlap). Images are used as decoded,
-    or shrunk to ``max_pixels`` (:func:`limit_pixels`). Unusable images yield
-    an ImagePatches without patches whose ``skipped`` says why.
+    side, patches without overlap). Images are decoded upright and within
+    ``max_pixels`` (:func:`ctxpred.images.decode_rgb_within`; None: full
+    size). Unusable images, and images smaller than a patch at their full
+    size, yield an ImagePatches without patches whose ``skipped`` says why.
     """
     if mode not in PATCH_MODES:
         raise ValueError(f"mode must be one of {PATCH_MODES}, got {mode!r}")
     for index in range(len(source)):
         name = source.name(index)
         try:
-            image, scale = _decode(source, index, max_pixels)
+            image, scale = decode_rgb_within(source.read_bytes(index), name, max_pixels,
+                                             min_side=patch)
         except ImageError as error:
             yield _skipped(name, error.reason, patch)
             continue
@@ -450,7 +434,7 @@ def read_patch_list(path, root=None):
 
 
 def listed_patches(runs, patch=PATCH) -> Iterator[ImagePatches]:
-    """One :class:`ImagePatches` per :class:`PatchRun` of :func:`read_patch_list`; no resizing.
+    """One :class:`ImagePatches` per :class:`PatchRun` of :func:`read_patch_list`; full size.
 
     Unreadable images yield ``skipped``; a row whose patch leaves its image
     raises ValueError naming the list, the line and the image size.
@@ -458,7 +442,7 @@ def listed_patches(runs, patch=PATCH) -> Iterator[ImagePatches]:
     source = FileSource([run.path for run in runs], [None] * len(runs), "patch list")
     for index, run in enumerate(runs):
         try:
-            image, _ = _decode(source, index)
+            image = decode_rgb(source.read_bytes(index), run.path)
         except ImageError as error:
             yield _skipped(run.path, error.reason, patch)
             continue

@@ -336,15 +336,14 @@ def open_source(spec: str, root: str | None = None) -> ImageSource:
 # Decoding and resizing
 
 
-def _open_jpeg_at_reduced_scale(data: bytes, min_pixels: int) -> Image.Image:
-    """Open a JPEG whose decode will be DCT-downscaled to >= ``min_pixels`` pixels.
+def _reduce_jpeg(image: JpegImagePlugin.JpegImageFile, min_pixels: int) -> Image.Image:
+    """Set up a JPEG's decode to be DCT-downscaled to >= ``min_pixels`` pixels.
 
-    Opened through the JPEG plugin directly rather than ``Image.open``: the
-    latter applies Pillow's decompression-bomb check to the full-resolution
-    size, before ``draft`` can shrink the decode by up to 8x per side. The
-    bound is applied to the reduced size instead.
+    The image is opened through the JPEG plugin directly rather than
+    ``Image.open``: the latter applies Pillow's decompression-bomb check to the
+    full-resolution size, before ``draft`` can shrink the decode by up to 8x
+    per side. The bound is applied to the reduced size instead.
     """
-    image = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
     width, height = image.size
     if width * height > min_pixels:
         shrink = math.sqrt(min_pixels / (width * height))
@@ -375,9 +374,66 @@ def _grey_to_uint8(image: Image.Image) -> np.ndarray | None:
     return None
 
 
-def decode_rgb(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
-    """Decode an encoded image into a writable (H, W, 3) uint8 RGB array.
+# EXIF orientation (tag 0x0112) -> the transposition that makes the image upright.
+_ORIENTATION_TAG = 0x0112
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+_SIDEWAYS = frozenset({5, 6, 7, 8})
 
+# What the feature tools decode at most by default: a 10000 x 10000 JPEG is
+# DCT-reduced to 2500 x 2500 while decoding, then shrunk to this.
+DEFAULT_MAX_PIXELS = 4_000_000
+
+
+def _decode(data: bytes, name: str, max_pixels: int | None,
+            min_side: int | None) -> tuple[np.ndarray, int]:
+    """(upright RGB array, the upright image's full width); see :func:`decode_rgb`."""
+    if not data:
+        raise ImageError(name, "empty file (0 bytes)")
+    try:
+        if max_pixels is not None and data.startswith(_JPEG_MAGIC):
+            image = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+            width, height = image.size
+            _check_size(name, width, height, min_side)
+            image = _reduce_jpeg(image, max_pixels)
+        else:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            _check_size(name, width, height, min_side)
+        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+        image.load()
+        grey = _grey_to_uint8(image)
+        if grey is not None:
+            image = Image.fromarray(grey)
+        if image.mode in ("P", "PA"):
+            # Via RGBA: Pillow warns when a palette with transparency goes straight to RGB.
+            image = image.convert("RGBA")
+        if orientation in _UPRIGHT:
+            image = image.transpose(_UPRIGHT[orientation])
+        full_width = height if orientation in _SIDEWAYS else width
+        if image.mode != "RGB":  # convert() would copy even an RGB image
+            image = image.convert("RGB")
+        return np.array(image, dtype=np.uint8), full_width
+    except ImageError:
+        raise
+    except _DECODE_ERRORS as error:
+        raise ImageError(name, f"cannot decode image: {error}") from error
+
+
+def _check_size(name, width, height, min_side):
+    if min_side is not None and min(width, height) < min_side:
+        raise ImageError(name, f"{width}x{height} pixels is smaller than one "
+                               f"{min_side}x{min_side} patch")
+
+
+def decode_rgb(data: bytes, name: str, max_pixels: int | None = None,
+               min_side: int | None = None) -> np.ndarray:
+    """Decode an encoded image into a writable (H, W, 3) uint8 RGB array, upright.
+
+    The EXIF orientation tag is honoured, as ``cv2.imread`` and Pillow's
+    ``ImageOps.exif_transpose`` do: a photo stored sideways comes out upright.
     Greyscale is replicated to three channels, alpha dropped (not composited),
     palette and CMYK converted by Pillow, 16-bit data scaled to 8 bits (Pillow
     keeps the high byte of 16-bit RGB; 16-bit greyscale is scaled with
@@ -390,26 +446,41 @@ def decode_rgb(data: bytes, name: str, max_pixels: int | None = None) -> np.ndar
     decompression-bomb limit (2 * ``PIL.Image.MAX_IMAGE_PIXELS``, about 179
     million pixels, after any reduced-scale decode) are rejected.
 
+    ``min_side``: reject an image whose full-size width or height is below it
+    (smaller than one patch), before decoding it.
+
     Raises :class:`ImageError` naming ``name`` for empty, truncated, corrupt,
-    non-image or unsupported data.
+    non-image, unsupported or too small data.
     """
-    if not data:
-        raise ImageError(name, "empty file (0 bytes)")
-    try:
-        if max_pixels is not None and data.startswith(_JPEG_MAGIC):
-            image = _open_jpeg_at_reduced_scale(data, max_pixels)
-        else:
-            image = Image.open(io.BytesIO(data))
-        image.load()
-        grey = _grey_to_uint8(image)
-        if grey is not None:
-            return np.repeat(grey[:, :, np.newaxis], 3, axis=2)
-        if image.mode in ("P", "PA"):
-            # Via RGBA: Pillow warns when a palette with transparency goes straight to RGB.
-            image = image.convert("RGBA")
-        return np.array(image.convert("RGB"), dtype=np.uint8)
-    except _DECODE_ERRORS as error:
-        raise ImageError(name, f"cannot decode image: {error}") from error
+    return _decode(data, name, max_pixels, min_side)[0]
+
+
+def decode_rgb_within(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                      min_side: int | None = None) -> tuple[np.ndarray, float]:
+    """(upright RGB image of at most ``max_pixels`` pixels, scale), as the feature tools see it.
+
+    A JPEG is DCT-reduced while decoding (:func:`decode_rgb`), then any image
+    is shrunk with :func:`limit_pixels`, so memory is bounded by
+    ``max_pixels``, not by the file. scale: the result's width over the full
+    upright image's width (1.0 when nothing was shrunk). None: full size.
+    """
+    image, full_width = _decode(data, name, max_pixels, min_side)
+    image, _ = limit_pixels(image, max_pixels)
+    return image, image.shape[1] / full_width
+
+
+def limit_pixels(image, max_pixels=None):
+    """(image shrunk to at most ``max_pixels`` pixels, aspect kept, cv2.INTER_AREA; scale).
+
+    scale: new width over old width. None, or an image already small enough,
+    comes back unchanged with scale 1.0.
+    """
+    height, width = image.shape[:2]
+    if max_pixels is None or height * width <= max_pixels:
+        return image, 1.0
+    scale = (max_pixels / (height * width)) ** 0.5
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))  # floor: stays <= max_pixels
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), size[0] / width
 
 
 def random_resize(

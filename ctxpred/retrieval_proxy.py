@@ -40,8 +40,7 @@ import cv2
 import numpy as np
 
 from ctxpred.evaluation import accuracy_with_interval
-from ctxpred.features import limit_pixels
-from ctxpred.images import ImageError, ImageSource, decode_rgb
+from ctxpred.images import DEFAULT_MAX_PIXELS, ImageError, ImageSource, decode_rgb_within
 from ctxpred.nets import PATCH
 from ctxpred.search import normalised
 
@@ -120,13 +119,13 @@ def augmented_copy(image, corner, shift, scale, gains, patch=PATCH):
 
 
 def retrieval_pairs(source: ImageSource, per_image, augmentation=Augmentation(), seed=0,
-                    max_pixels=None, patch=PATCH) -> RetrievalPairs:
+                    max_pixels=DEFAULT_MAX_PIXELS, patch=PATCH) -> RetrievalPairs:
     """``per_image`` queries and their keys from every image of ``source`` (see the module doc).
 
     Image i's positions and augmentations come from
     ``np.random.default_rng([seed, i])``: they depend only on the seed and the
-    image's index. Images are shrunk to ``max_pixels`` first when given
-    (:func:`ctxpred.features.limit_pixels`). Images that cannot be read or
+    image's index. Images are decoded upright and within ``max_pixels``
+    (:func:`ctxpred.images.decode_rgb_within`; None: full size). Images that cannot be read or
     are too small for a query with its margin are skipped (listed in
     ``skipped``). Raises ValueError when fewer than two images give queries
     (a query needs keys of other images).
@@ -141,7 +140,7 @@ def retrieval_pairs(source: ImageSource, per_image, augmentation=Augmentation(),
         name = source.name(index)
         names.append(name)
         try:
-            image, _ = limit_pixels(decode_rgb(source.read_bytes(index), name), max_pixels)
+            image, _ = decode_rgb_within(source.read_bytes(index), name, max_pixels, patch)
         except ImageError as error:
             skipped[name] = error.reason
             continue

@@ -28,6 +28,7 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 
 from ctxpred.caffe_env import import_caffe, load_caffe
+from ctxpred.weights import read_weights
 
 FIRST, SECOND = "fc7_first", "fc7_second"
 
@@ -66,7 +67,9 @@ def read_net_param(path):
     A legacy ``input:`` header (as in the 2015 released deploy nets) becomes
     an Input layer. Raises FileNotFoundError naming a missing file, and
     ValueError naming a file that is not a net definition (not text, a syntax
-    error, no layers, or the V1 ``layers`` format that Caffe upgrades on load).
+    error, no layers, or the V1 ``layers`` format that Caffe upgrades on load)
+    and the first layer whose type this Caffe build lacks (building it would
+    abort the process).
     """
     caffe_pb2 = import_caffe().proto.caffe_pb2
     path = Path(path)
@@ -84,6 +87,11 @@ def read_net_param(path):
         _input_header_to_layers(net_param)
     if not net_param.layer:
         raise ValueError(f"{path} defines no layers")
+    known = set(import_caffe().layer_type_list())
+    for layer in net_param.layer:
+        if layer.type not in known:
+            raise ValueError(f"{path}: layer {layer.name!r} has type {layer.type!r}, which this "
+                             f"Caffe build does not have")
     return net_param
 
 
@@ -230,6 +238,23 @@ def load_params(net, params, strict=True):
     return copied
 
 
+def load_weights_file(net, path, strict=False):
+    """:func:`load_params` from a binary or HDF5 caffemodel, checked in Python first.
+
+    Where ``Net.copy_from`` aborts the process on a truncated, empty or
+    damaged file or a shape difference, this raises ValueError naming the
+    file and each offending layer (FileNotFoundError for a missing file).
+    Without ``strict``, layers only one side has are left alone, as
+    ``copy_from`` does. Returns the names copied.
+    """
+    try:
+        return load_params(net, read_weights(path), strict)
+    except ValueError as error:
+        message = str(error)
+        raise ValueError(message if str(path) in message
+                         else f"{path} does not fit the net: {message}") from None
+
+
 _FOLDABLE = ("Convolution", "InnerProduct")
 
 
@@ -293,6 +318,44 @@ def fold_batchnorm(weights, net_param):
                                         weights[batchnorm.name])
         del folded[batchnorm.name]
     return folded
+
+
+def check_batchnorms_fold(weights, net_param, target_param, source="the net definition"):
+    """Raise ValueError naming a BatchNorm of ``weights`` that folding would silently lose.
+
+    That is a BatchNorm which :func:`fold_batchnorm` (with ``net_param``,
+    read from ``source``) does not fold while ``target_param``, the net the
+    folded weights are for, has no layer of its name: either ``net_param``
+    has no such layer (weights of three blobs, mean and variance of C values
+    and a scale factor, are taken for BatchNorm statistics) or its input is
+    not the output of a Convolution or InnerProduct that ``target_param``
+    keeps. A BatchNorm whose input layer the target lacks too (bn7 after
+    fc7, for a deploy net that ends at fc6) is left out with it.
+    """
+    folded = {batchnorm.name for _, batchnorm in batchnorm_pairs(net_param)}
+    target = {layer.name for layer in target_param.layer}
+    layers = {layer.name: layer for layer in net_param.layer}
+    writer, producer = {}, {}  # blob -> layer that last wrote it; BatchNorm -> its input's writer
+    for layer in net_param.layer:
+        if layer.type == "BatchNorm" and layer.bottom:
+            producer[layer.name] = writer.get(layer.bottom[0])
+        for top in layer.top:
+            writer[top] = layer.name
+    for name, arrays in weights.items():
+        if name in folded or name in target:
+            continue
+        if name not in layers:
+            if (len(arrays) == 3 and arrays[0].ndim == 1 and arrays[0].shape == arrays[1].shape
+                    and arrays[2].size == 1):
+                raise ValueError(f"the weights' layer {name} holds BatchNorm statistics, but "
+                                 f"{source} has no layer {name}: nothing to fold it into")
+        elif layers[name].type == "BatchNorm" and producer.get(name) in target:
+            into = layers[producer[name]]
+            raise ValueError(f"BatchNorm layer {name} of {source} has no Convolution or "
+                             f"InnerProduct to fold into: its input comes from {into.name} "
+                             f"({into.type}), which other layers also read or which follows "
+                             f"the pair fusion, and the target net keeps {into.name} without "
+                             f"{name}")
 
 
 def _fold_pair(layer, arrays, batchnorm, statistics):

@@ -44,13 +44,16 @@ def read_weights(path):
 
 def _read_hdf5(path):
     weights = {}
-    with h5py.File(path, "r") as handle:
-        if "data" not in handle:
-            raise WeightFileError(f"{path} is HDF5 but has no /data group: not a Caffe model")
-        for name, group in handle["data"].items():
-            if len(group):  # Caffe writes an empty group for layers without blobs
-                weights[name] = [np.asarray(group[str(i)], dtype=np.float32)
-                                 for i in range(len(group))]
+    try:
+        with h5py.File(path, "r") as handle:
+            if "data" not in handle:
+                raise WeightFileError(f"{path} is HDF5 but has no /data group: not a Caffe model")
+            for name, group in handle["data"].items():
+                if len(group):  # Caffe writes an empty group for layers without blobs
+                    weights[name] = [np.asarray(group[str(i)], dtype=np.float32)
+                                     for i in range(len(group))]
+    except (OSError, KeyError, AttributeError) as error:  # h5py: truncated, damaged, not a group
+        raise WeightFileError(f"{path} is a damaged HDF5 Caffe model ({error})") from None
     return weights
 
 

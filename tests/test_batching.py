@@ -273,7 +273,7 @@ def test_bad_images_are_skipped_with_one_warning_each(bad_and_good_list):
     for name in bad_names:
         assert sum(name in message for message in messages) == 1
     assert sorted(assembler.skipped) == sorted(bad_names)
-    assert "too small" in assembler.skipped[bad_names[-1]]
+    assert "2000x20 pixels is smaller than one 96x96 patch" in assembler.skipped[bad_names[-1]]
     assert "empty" in assembler.skipped[bad_names[0]]
     used_images = {int(index) for info in infos for index in np.unique(info.image_indices)}
     assert used_images == {7, 8}

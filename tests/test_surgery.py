@@ -306,8 +306,7 @@ def test_bad_input_fails_with_named_file_or_layer(snapshot, tmp_path):
          "missing.caffemodel does not exist"),
         (("inspect_caffemodel.py", junk), "junk.caffemodel is not a Caffe model"),
         (("inspect_caffemodel.py", ungrouped, "--prototxt", roi),
-         f"Caffe cannot build {roi}: Check failed: registry.count(type) == 1 (0 vs. 1) "
-         "Unknown layer type: ROIPooling"),
+         f"{roi}: layer 'roi_pool5' has type 'ROIPooling', which this Caffe build does not have"),
         (("debatchnorm.py", junk, model, deploy, tmp_path / "o.caffemodel"),
          "junk.caffemodel is not a Caffe net definition"),
         # The folded colour-dropping weights against CaffeNet: fc6 has other shapes.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ctxpred.detection import read_classes
 from ctxpred.detector import map_difference, read_detections
+from ctxpred.exits import run_tool
 from ctxpred.voc import AnnotationError, evaluate_detections, read_dataset
 
 
@@ -69,4 +70,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -12,6 +12,7 @@ Examples:
 import argparse
 import sys
 
+from ctxpred.exits import run_tool
 from ctxpred.surgery import FIRST, to_factorized_head, to_reference_head
 from ctxpred.weights import WeightFileError, read_weights, write_weights
 
@@ -43,4 +44,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

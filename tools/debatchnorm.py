@@ -20,8 +20,9 @@ Example:
 import argparse
 import sys
 
-from ctxpred.surgery import (batchnorm_pairs, compare_shapes, fold_batchnorm,
-                             net_param_shapes, read_net_param)
+from ctxpred.exits import run_tool
+from ctxpred.surgery import (batchnorm_pairs, check_batchnorms_fold, compare_shapes,
+                             fold_batchnorm, net_param_shapes, read_net_param)
 from ctxpred.weights import read_weights, write_weights
 
 
@@ -39,7 +40,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         in_param, out_param = read_net_param(args.indefinition), read_net_param(args.outdefinition)
-        folded = fold_batchnorm(read_weights(args.inmodel), in_param)
+        weights = read_weights(args.inmodel)
+        folded = fold_batchnorm(weights, in_param)
         out_shapes = net_param_shapes(out_param, args.outdefinition)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -50,6 +52,7 @@ def main(argv=None):
         for line in report.lines():
             print(f"  {line}", file=sys.stderr)
         return 2
+    check_batchnorms_fold(weights, in_param, out_param, args.indefinition)  # ValueError: exit 2
     write_weights({name: folded[name] for name in out_shapes if name in folded}, args.outmodel)
     for layer, batchnorm in batchnorm_pairs(in_param):
         print(f"folded {batchnorm.name} into {layer.name}")
@@ -63,4 +66,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

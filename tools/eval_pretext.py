@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ctxpred.caffe_env import load_caffe
+from ctxpred.exits import exit_code, fail, run_tool
 from ctxpred.nets import NET_NAMES
 
 CHANCE = 1 / 8
@@ -66,13 +67,13 @@ def main(argv=None):
         pairs = evaluation.sample_eval_pairs(args.images, args.images_count, args.pairs_per_image,
                                              args.seed, evaluation.eval_config(args.net))
     except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
+        return fail(error, exit_code(error))
     factorized = "fc7_first" in net.params
     result = evaluation.relative_position_scores(net, tqdm(pairs, desc="images", unit="image"))
     if pairs.skipped:
         print(f"skipped {len(pairs.skipped)} of {len(pairs)} images (see the warnings above)")
     if result.total == 0:
-        sys.exit(f"error: no usable image in {args.images}")
+        return fail(f"no usable image in {args.images}")
 
     accuracy, low, high = evaluation.accuracy_with_interval(result.correct, result.total)
     matrix = evaluation.confusion_matrix(result.labels, result.predictions)
@@ -109,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

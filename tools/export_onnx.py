@@ -26,6 +26,7 @@ from pathlib import Path
 
 import onnx
 
+from ctxpred.exits import run_tool
 from ctxpred.images import decode_rgb
 from ctxpred.onnx_export import (DEFAULT_OPSET, MIN_OPSET, caffe_to_onnx, compare_with_caffe,
                                  photo_patches)
@@ -105,4 +106,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -39,6 +39,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
+from ctxpred.exits import exit_code, fail, run_tool
+from ctxpred.images import DEFAULT_MAX_PIXELS
 from ctxpred.nets import MEAN_RGB, NET_NAMES, snapshot_param
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,9 +79,10 @@ def parse_args(argv):
                         help="patches per image for --patches random (default: %(default)s)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="shrink images above this many pixels to it (aspect kept, area "
-                             "interpolation) before cutting patches; boxes are then in pixels of "
+                             "interpolation; JPEGs are decoded at a reduced scale, so memory "
+                             "stays bounded) before cutting patches; boxes are then in pixels of "
                              "the shrunk image and the 'scale' dataset gives the factor. Not with "
-                             "a patch FILE (default: no resizing)")
+                             f"a patch FILE (default: {DEFAULT_MAX_PIXELS}; 0: full size)")
     parser.add_argument("--batch", type=int, default=64,
                         help="patches per net.forward (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
@@ -103,8 +106,10 @@ def parse_args(argv):
         parser.error(f"--images is required with --patches {args.patches}")
     if args.patches_per_image < 1 or args.batch < 1:
         parser.error("--patches-per-image and --batch must be positive")
-    if args.max_pixels is not None and args.max_pixels < 96 * 96:
+    if args.max_pixels and args.max_pixels < 96 * 96:
         parser.error("--max-pixels must be at least 9216 (one 96x96 patch)")
+    if not listed:
+        args.max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels or None
     return args, listed
 
 
@@ -113,7 +118,7 @@ def main(argv=None):
     try:
         load_caffe(gpu=args.gpu)
     except CaffeNotAvailable as error:
-        sys.exit(f"error: {error}")
+        return fail(error)
     # Imported once the arguments are valid: it loads pycaffe.
     from ctxpred import features
     from ctxpred.images import open_source
@@ -131,7 +136,7 @@ def main(argv=None):
             items = features.sampled_patches(source, args.patches, args.patches_per_image,
                                              args.seed, args.max_pixels)
     except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
+        return fail(error, exit_code(error))
     if extractor.ignored_layers:
         print(f"ignoring weight layers the deploy net does not have: "
               f"{', '.join(extractor.ignored_layers)}")
@@ -145,16 +150,16 @@ def main(argv=None):
             summary = features.stream_features(
                 extractor, tqdm(items, total=total, desc="images", unit="image"), writer)
     except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
+        return fail(error, exit_code(error))
     for name, reason in summary.skipped.items():
         print(f"skipped {name}: {reason}")
     if summary.rows == 0:
         Path(args.out).unlink()
-        sys.exit(f"error: no patch could be cut from the {total} images")
+        return fail(f"no patch could be cut from the {total} images")
     note = "" if Path(args.out).suffix != ".npy" else " (features only: no image paths or boxes)"
     print(f"wrote {summary.rows} x {extractor.dim} {args.layer} features of {summary.images} "
           f"images to {args.out}{note}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ctxpred.exits import run_tool
 from ctxpred.surgery import (compare_shapes, groupless_net, groupless_weights,
                              net_param_shapes, read_net_param)
 from ctxpred.weights import read_weights, write_weights
@@ -61,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

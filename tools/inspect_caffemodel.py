@@ -14,6 +14,7 @@ Examples:
 import argparse
 import sys
 
+from ctxpred.exits import run_tool
 from ctxpred.surgery import compare_shapes, net_param_shapes, read_net_param
 from ctxpred.weights import read_weights
 
@@ -63,4 +64,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -31,6 +31,7 @@ import sys
 import numpy as np
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
+from ctxpred.exits import run_tool
 from ctxpred.images import open_source
 from ctxpred.magic_init import (DROPOUT_MODES, TYPES, NetUnderInit, analysis_net, build_net,
                                 data_layer_batches, image_batches, input_size, summary_lines)
@@ -158,4 +159,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

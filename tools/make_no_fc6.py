@@ -20,6 +20,7 @@ Examples:
 import argparse
 import sys
 
+from ctxpred.exits import run_tool
 from ctxpred.surgery import drop_layers_from, read_net_param
 from ctxpred.weights import is_hdf5, read_weights, write_weights
 
@@ -52,4 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
+from ctxpred.exits import exit_code, fail, run_tool
 from ctxpred.nets import NET_NAMES, snapshot_param
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +213,7 @@ def main(argv=None):
     try:
         load_caffe(gpu=args.gpu)
     except CaffeNotAvailable as error:
-        sys.exit(f"error: {error}")
+        return fail(error)
     # Imported once the arguments are valid: these load pycaffe.
     from ctxpred.activations import receptive_fields
     from ctxpred.features import FeatureExtractor, read_deploy_param
@@ -238,10 +239,10 @@ def main(argv=None):
         tops = load_tops(state_path, args.layers, units, settings)
         run_the_net(args, source, extractor, tops, state_path, settings)
     except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
+        return fail(error, exit_code(error))
     index = write_pages(args, source, tops, fields)
     print(f"wrote {index} ({len(args.layers)} layers, {next(iter(tops.values())).seen} patches)")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

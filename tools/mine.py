@@ -49,6 +49,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
+from ctxpred.exits import exit_code, fail, run_tool
+from ctxpred.images import DEFAULT_MAX_PIXELS
 from ctxpred.mining import MATCH_RULES
 from ctxpred.nets import NET_NAMES, PATCH, snapshot_param
 from ctxpred.search import EXACT_THRESHOLD
@@ -113,9 +115,10 @@ def parse_args(argv):
     parser.add_argument("--match-rule", choices=MATCH_RULES, default="iou",
                         help="when a detection belongs to an object's class: iou (IoU >= 0.5) "
                              "or centre (its centre inside the object) (default: %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help="shrink images above this many pixels to it (aspect kept) before "
-                             "cutting patches (default: no resizing)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="shrink images above this many pixels to it (aspect kept; JPEGs are "
+                             "decoded at a reduced scale, so memory stays bounded) before "
+                             "cutting patches (default: %(default)s; 0: full size)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the constellations and of the HNSW graph "
                              "(default: %(default)s)")
@@ -140,13 +143,14 @@ def parse_args(argv):
         parser.error("--tolerance must not be negative")
     if not 0 <= args.max_shared <= 1:
         parser.error("--max-shared must lie in [0, 1]")
-    if args.max_pixels is not None and args.max_pixels < PATCH * PATCH:
+    if args.max_pixels and args.max_pixels < PATCH * PATCH:
         parser.error(f"--max-pixels must be at least {PATCH * PATCH} (one patch)")
     if not Path(args.weights).is_file():
         parser.error(f"--weights file {args.weights} does not exist")
     if args.annotations is not None and not Path(args.annotations).is_dir():
         parser.error(f"--annotations folder {args.annotations} does not exist")
     args.deploy = args.deploy or str(REPO / "prototxt" / args.net / "deploy.prototxt")
+    args.max_pixels = args.max_pixels or None  # 0: full size
     return args
 
 
@@ -205,14 +209,13 @@ def match(args, features, image_ids, corners, constellations):
 
 def crops(source, names, wanted, max_pixels):
     """{(image id, x0, y0, x1, y1): pixels} of ``wanted`` boxes, each image decoded once."""
-    from ctxpred.features import limit_pixels
-    from ctxpred.images import decode_rgb
+    from ctxpred.images import decode_rgb_within
 
     index_of = {source.name(index): index for index in range(len(source))}
     pixels = {}
     for image in sorted({key[0] for key in wanted}):
-        decoded, _ = limit_pixels(decode_rgb(source.read_bytes(index_of[names[image]]),
-                                             names[image]), max_pixels)
+        decoded, _ = decode_rgb_within(source.read_bytes(index_of[names[image]]), names[image],
+                                       max_pixels)
         for key in wanted:
             if key[0] == image:
                 x0, y0, x1, y1 = key[1:]
@@ -312,7 +315,7 @@ def main(argv=None):
     try:
         load_caffe(gpu=args.gpu)
     except CaffeNotAvailable as error:
-        sys.exit(f"error: {error}")
+        return fail(error)
     # Imported once the arguments are valid: these load pycaffe.
     import h5py
 
@@ -362,7 +365,7 @@ def main(argv=None):
                 "majority": list(curve.majority), "purity_curve": curve.purity_curve.tolist(),
                 "coverage": curve.coverage.tolist()}
     except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
+        return fail(error, exit_code(error))
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     print(f"wrote {page}: {len(clusters)} clusters from {len(constellations)} constellations "
@@ -375,4 +378,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

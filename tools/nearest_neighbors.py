@@ -37,6 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
+from ctxpred.exits import exit_code, fail, run_tool
+from ctxpred.images import DEFAULT_MAX_PIXELS
 from ctxpred.nets import NET_NAMES, snapshot_param
 from ctxpred.search import EXACT_THRESHOLD
 
@@ -72,9 +74,10 @@ def parse_args(argv):
     parser.add_argument("--patches-per-image", type=int, default=16,
                         help="random patches cut from each image: the pool that queries and "
                              "neighbours come from (default: %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help="shrink images above this many pixels to it (aspect kept) before "
-                             "cutting patches (default: no resizing)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="shrink images above this many pixels to it (aspect kept; JPEGs are "
+                             "decoded at a reduced scale, so memory stays bounded) before "
+                             "cutting patches (default: %(default)s; 0: full size)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the patch positions, of the choice of queries and of the "
                              "HNSW graph (default: %(default)s)")
@@ -99,8 +102,9 @@ def parse_args(argv):
     for flag in ("queries", "k", "patches_per_image", "batch"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
-    if args.max_pixels is not None and args.max_pixels < 96 * 96:
+    if args.max_pixels and args.max_pixels < 96 * 96:
         parser.error("--max-pixels must be at least 9216 (one 96x96 patch)")
+    args.max_pixels = args.max_pixels or None  # 0: full size
     return args
 
 
@@ -132,15 +136,14 @@ def search(path, image_ids, queries, args):
 
 def cut_rows(source, names, boxes, rows, max_pixels):
     """{row: (96, 96, 3) uint8} for ``rows``, each image decoded once (as sampled_patches does)."""
-    from ctxpred.features import limit_pixels
-    from ctxpred.images import decode_rgb
+    from ctxpred.images import decode_rgb_within
     from ctxpred.preprocess import crop_patches
 
     index_of = {source.name(index): index for index in range(len(source))}
     patches = {}
     for name in sorted({names[row] for row in rows}):
         index = index_of[name]
-        image, _ = limit_pixels(decode_rgb(source.read_bytes(index), name), max_pixels)
+        image, _ = decode_rgb_within(source.read_bytes(index), name, max_pixels)
         mine = [row for row in rows if names[row] == name]
         corners = boxes[mine][:, [1, 0]]
         patches.update(zip(mine, crop_patches(image, corners, int(boxes[mine[0], 2]))))
@@ -185,7 +188,7 @@ def main(argv=None):
     try:
         load_caffe(gpu=args.gpu)
     except CaffeNotAvailable as error:
-        sys.exit(f"error: {error}")
+        return fail(error)
     # Imported once the arguments are valid: ctxpred.features loads pycaffe.
     import h5py
 
@@ -194,22 +197,22 @@ def main(argv=None):
     try:
         source = open_source(args.images)
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        return fail(error, exit_code(error))
     with tempfile.TemporaryDirectory() as folder:
         paths = [Path(folder) / f"net{number}.h5" for number in range(len(args.weights))]
         try:
             for net, weights, path in zip(args.net, args.weights, paths):
                 summary = extract(source, args, net, weights, path)
         except (OSError, ValueError) as error:
-            sys.exit(f"error: {error}")
+            return fail(error, exit_code(error))
         for name, reason in summary.skipped.items():
             print(f"skipped {name}: {reason}")
         with h5py.File(paths[0], "r") as file:  # the same patches, in order, for every net
             names = [name.decode() for name in file["image"][:]]
             boxes = file["box"][:]
         if len(set(names)) < 2:
-            sys.exit(f"error: patches from at least 2 images are needed (found {len(set(names))}):"
-                     " neighbours from the query's own image are excluded")
+            return fail(f"patches from at least 2 images are needed (found {len(set(names))}):"
+                        " neighbours from the query's own image are excluded")
         image_ids = np.unique(names, return_inverse=True)[1]
         rng = np.random.default_rng(args.seed)
         queries = np.sort(rng.choice(len(names), size=min(args.queries, len(names)),
@@ -220,4 +223,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
+from ctxpred.exits import exit_code, fail, run_tool
+from ctxpred.images import DEFAULT_MAX_PIXELS
 from ctxpred.nets import NET_NAMES, snapshot_param
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +76,10 @@ def parse_args(argv):
     parser.add_argument("--colour-gain", type=float, default=0.15,
                         help="each RGB channel of a key is multiplied by a factor in "
                              "[1 - G, 1 + G] (default: %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help="shrink images above this many pixels to it first "
-                             "(default: no resizing)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="shrink images above this many pixels to it (aspect kept; JPEGs are "
+                             "decoded at a reduced scale, so memory stays bounded) before "
+                             "cutting patches (default: %(default)s; 0: full size)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of positions, augmentations and the bootstrap "
                              "(default: %(default)s)")
@@ -98,6 +101,7 @@ def parse_args(argv):
     for flag in ("per_image", "resamples", "batch"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
+    args.max_pixels = args.max_pixels or None  # 0: full size
     return args
 
 
@@ -106,7 +110,7 @@ def main(argv=None):
     try:
         load_caffe(gpu=args.gpu)
     except CaffeNotAvailable as error:
-        sys.exit(f"error: {error}")
+        return fail(error)
     # Imported once the arguments are valid: these load pycaffe.
     from ctxpred.features import FeatureExtractor
     from ctxpred.images import open_source
@@ -130,7 +134,7 @@ def main(argv=None):
                       f"{', '.join(extractor.ignored_layers)}")
             ranks.append(extractor_ranks(extractor, pairs))
     except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
+        return fail(error, exit_code(error))
     for name, reason in pairs.skipped.items():
         print(f"skipped {name}: {reason}")
     images = len(np.unique(pairs.image_ids))
@@ -158,4 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

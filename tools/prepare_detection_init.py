@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
 from ctxpred.detection_init import DETECTION_PROTOTXTS, origin_lines, prepare_detection_init
+from ctxpred.exits import run_tool
 from ctxpred.nets import NET_NAMES
 from ctxpred.weights import write_weights
 
@@ -89,4 +90,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
+from ctxpred.exits import exit_code, run_tool
 from ctxpred.nets import NET_NAMES
 from ctxpred.snapshots import RunFolderLocked, RunLock, SnapshotError, io_error_text
 from ctxpred.training import (DivergenceError, RunConfig, default_workers, latest_snapshot,
@@ -182,13 +183,13 @@ def run(args, out, caffe, lock):
         print(f"\ninterrupted: {interrupt or 'Ctrl-C'}; newest snapshot "
               f"{newest[1] if newest else 'none'}", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError) as error:  # no usable image, a failed loader
+    except (ValueError, RuntimeError) as error:  # no usable image (2), a failed loader (1)
         print(f"\nerror: {error}", file=sys.stderr)
-        return 2
+        return exit_code(error)
     print(f"\nstopped at iteration {result['iter']} ({result['reason']}) after "
           f"{result['seconds']:.0f} s; snapshot {result['snapshot']}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

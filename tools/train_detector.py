@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ctxpred.caffe_env import load_caffe
 from ctxpred.detector import DetectorRun, evaluate_detector, train_detector
+from ctxpred.exits import run_tool
 from ctxpred.fast_rcnn import MODEL_NAMES
 
 
@@ -102,4 +103,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))
