@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctxpred.images import ImageError, ImageSource, decode_rgb, random_resize
+from ctxpred.images import ImageError, ImageSource, decode_rgb, no_usable_image, random_resize
 from ctxpred.preprocess import (
     COLOUR_MODES,
     NOISE_DISTRIBUTIONS,
@@ -313,13 +313,7 @@ class BatchAssembler:
         while True:
             if self._pass_position == len(self._pass_order):
                 if len(self._pass_order) and not self._pass_had_pairs:
-                    examples = "; ".join(
-                        f"{name}: {reason}" for name, reason in list(self.skipped.items())[:3]
-                    )
-                    raise ValueError(
-                        f"no usable image in {self.source.description}: a whole pass "
-                        f"over its {len(self.source)} images yielded no pair ({examples})"
-                    )
+                    raise no_usable_image(self.source, self.skipped)
                 self._pass_order = self._rng.permutation(len(self.source))
                 self._pass_position = 0
                 self._pass_had_pairs = False

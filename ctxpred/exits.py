@@ -14,8 +14,13 @@ Every error is one line on stderr starting with ``error:``, naming the file
 (and layer or value) at fault; no traceback.
 """
 import sys
+import warnings
 
 DONE, FAILED, BAD_INPUT, DIVERGED, INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"warning: {message}\n"
 
 
 def fail(message, code=BAD_INPUT):
@@ -39,7 +44,9 @@ def exit_code(error):
 def run_tool(main, argv=None):
     """``main(argv)``'s exit code (None counts as 0); an OSError, ValueError or
     RuntimeError it raises becomes one line and :func:`exit_code`'s code,
-    KeyboardInterrupt 130."""
+    KeyboardInterrupt 130. Warnings (a skipped image, ignored files) print as
+    one line each, ``warning: ...``."""
+    warnings.formatwarning = _one_line_warning
     try:
         return main(argv) or DONE
     except (OSError, ValueError, RuntimeError) as error:

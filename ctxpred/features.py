@@ -68,7 +68,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ctxpred.caffe_env import import_caffe
 from ctxpred.images import (DEFAULT_MAX_PIXELS, FileSource, ImageError, ImageSource, decode_rgb,
-                            decode_rgb_within, limit_pixels)
+                            decode_rgb_within, limit_pixels, no_usable_image)
 from ctxpred.nets import MEAN_RGB, PATCH
 from ctxpred.preprocess import crop_patches
 from ctxpred.surgery import fold_batchnorm, read_net_param
@@ -346,22 +346,25 @@ def sampled_patches(source: ImageSource, mode, per_image=16, seed=0,
     side, patches without overlap). Images are decoded upright and within
     ``max_pixels`` (:func:`ctxpred.images.decode_rgb_within`; None: full
     size). Unusable images, and images smaller than a patch at their full
-    size, yield an ImagePatches without patches whose ``skipped`` says why.
+    size, yield an ImagePatches without patches whose ``skipped`` says why;
+    when no image was usable, ValueError naming the source follows.
     """
     if mode not in PATCH_MODES:
         raise ValueError(f"mode must be one of {PATCH_MODES}, got {mode!r}")
+    skipped = {}
     for index in range(len(source)):
         name = source.name(index)
         try:
             image, scale = decode_rgb_within(source.read_bytes(index), name, max_pixels,
                                              min_side=patch)
         except ImageError as error:
+            skipped[name] = error.reason
             yield _skipped(name, error.reason, patch)
             continue
         height, width = image.shape[:2]
         if height < patch or width < patch:
-            yield _skipped(name, f"{width}x{height} pixels is smaller than a {patch}-pixel patch",
-                           patch)
+            skipped[name] = f"{width}x{height} pixels is smaller than a {patch}-pixel patch"
+            yield _skipped(name, skipped[name], patch)
             continue
         if mode == "random":
             corners = random_corners(height, width, per_image,
@@ -369,6 +372,8 @@ def sampled_patches(source: ImageSource, mode, per_image=16, seed=0,
         else:
             corners = grid_corners(height, width, step or patch, patch)
         yield _cut(name, image, corners, scale, patch)
+    if len(skipped) == len(source):
+        raise no_usable_image(source, skipped)
 
 
 @dataclass(frozen=True)

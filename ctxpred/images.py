@@ -13,16 +13,18 @@ the image, so a loader can skip it and go on.
 from __future__ import annotations
 
 import abc
+import collections
 import glob
 import io
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, JpegImagePlugin
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -31,6 +33,7 @@ IMAGE_EXTENSIONS = frozenset(
 _GLOB_CHARACTERS = frozenset("*?[")
 _INTEGER = re.compile(r"[+-]?\d+")
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_OBJECT_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-f]+>")
 _MAX_UINT16 = 65535
 # What Pillow raises on broken, truncated or unsupported data: it has no
 # common base class for decode errors.
@@ -53,6 +56,18 @@ class ImageError(ValueError):
         super().__init__(f"{name}: {reason}")
         self.name = name
         self.reason = reason
+
+
+class IgnoredFilesWarning(UserWarning):
+    """A folder or glob source holds files whose extensions are not read as images."""
+
+
+def no_usable_image(source: "ImageSource", skipped: dict[str, str]) -> ValueError:
+    """The error for a source none of whose images could be used: names it and says why."""
+    examples = "; ".join(f"{name}: {reason}" for name, reason in list(skipped.items())[:3])
+    more = "; ..." if len(skipped) > 3 else ""
+    return ValueError(f"no usable image in {source.description}"
+                      + (f": {len(skipped)} skipped ({examples}{more})" if skipped else ""))
 
 
 def has_image_extension(path: str) -> bool:
@@ -258,12 +273,25 @@ class LmdbSource(ImageSource):
 
 
 def _scan_folder(folder: str) -> list[str]:
+    """Every file under ``folder``, sorted."""
     return sorted(
         os.path.join(directory, file_name)
         for directory, _, file_names in os.walk(folder)
         for file_name in file_names
-        if has_image_extension(file_name)
     )
+
+
+def _keep_images(paths: list[str]) -> tuple[list[str], str]:
+    """(the paths with image extensions, "ignored N files: .gif (2), .txt (1)" or "")."""
+    images = [path for path in paths if has_image_extension(path)]
+    others = collections.Counter(
+        os.path.splitext(path)[1].lower() or "(no extension)"
+        for path in paths if not has_image_extension(path) and os.path.isfile(path))
+    if not others:
+        return images, ""
+    count = sum(others.values())
+    kinds = ", ".join(f"{extension} ({number})" for extension, number in others.most_common())
+    return images, f"ignored {count} file{'s' * (count != 1)}: {kinds}"
 
 
 def _parse_list_file(list_path: str, root: str) -> tuple[list[str], list[int | None]]:
@@ -300,16 +328,19 @@ def open_source(spec: str, root: str | None = None) -> ImageSource:
       relative to ``root`` (default: the list file's folder); blank lines and
       ``#`` comments are ignored.
 
-    Raises ValueError naming ``spec`` when it does not exist or matches no image.
+    Files of a folder or glob without an image extension are counted:
+    an :class:`IgnoredFilesWarning` (and the description) says "ignored N
+    files: .gif (2), ...". Raises ValueError naming ``spec`` when it does not
+    exist or matches no image.
     """
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, "data.mdb")):
             return LmdbSource(spec)
-        paths = _scan_folder(spec)
+        paths, ignored = _keep_images(_scan_folder(spec))
         labels: list[int | None] = [None] * len(paths)
         kind = "folder"
     elif os.path.isfile(spec) and has_image_extension(spec):
-        paths, labels, kind = [spec], [None], "image file"
+        paths, labels, kind, ignored = [spec], [None], "image file", ""
     elif os.path.isfile(spec):
         list_root = root if root is not None else os.path.dirname(os.path.abspath(spec))
         try:
@@ -318,18 +349,20 @@ def open_source(spec: str, root: str | None = None) -> ImageSource:
             raise ValueError(
                 f"image source {spec!r} is neither an image nor a text list file"
             ) from error
-        kind = f"list file (root {list_root})"
+        kind, ignored = f"list file (root {list_root})", ""
     elif _GLOB_CHARACTERS & set(spec):
-        paths = sorted(
-            path for path in glob.glob(spec, recursive=True) if has_image_extension(path)
-        )
+        paths, ignored = _keep_images(sorted(glob.glob(spec, recursive=True)))
         labels = [None] * len(paths)
         kind = "glob"
     else:
         raise ValueError(f"image source {spec!r} does not exist")
     if not paths:
-        raise ValueError(f"image source {spec!r} ({kind}) matches no image")
-    return FileSource(paths, labels, f"{kind} {spec} ({len(paths)} images)")
+        raise ValueError(f"image source {spec!r} ({kind}) matches no image"
+                         + (f" ({ignored})" if ignored else ""))
+    if ignored:
+        warnings.warn(f"image source {spec!r}: {ignored}", IgnoredFilesWarning, stacklevel=2)
+    return FileSource(paths, labels, f"{kind} {spec} ({len(paths)} images"
+                      + (f"; {ignored})" if ignored else ")"))
 
 
 # ---------------------------------------------------------------------------
@@ -418,8 +451,11 @@ def _decode(data: bytes, name: str, max_pixels: int | None,
         return np.array(image, dtype=np.uint8), full_width
     except ImageError:
         raise
+    except UnidentifiedImageError as error:  # its message quotes a BytesIO object's address
+        raise ImageError(name, "not an image in a format Pillow reads") from error
     except _DECODE_ERRORS as error:
-        raise ImageError(name, f"cannot decode image: {error}") from error
+        raise ImageError(name, f"cannot decode image: {_OBJECT_ADDRESS.sub('', str(error))}") \
+            from error
 
 
 def _check_size(name, width, height, min_side):

@@ -41,7 +41,8 @@ from ctxpred.prefetch import BatchPrefetcher
 
 caffe = import_caffe()
 
-_LOADER_KEYS = {"source": None, "root": None, "seed": 0, "workers": 2, "prefetch": 3}
+_LOADER_KEYS = {"source": None, "root": None, "seed": 0, "workers": 2, "prefetch": 3,
+                "stall_seconds": 300}
 
 
 def parse_param_str(param_str):
@@ -77,7 +78,8 @@ class PatchPairData(caffe.Layer):
         source = open_source(loader["source"], root=loader["root"])
         self.prefetcher = BatchPrefetcher(source, self.config, seed=int(loader["seed"]),
                                           workers=int(loader["workers"]),
-                                          depth=int(loader["prefetch"]))
+                                          depth=int(loader["prefetch"]),
+                                          stall_seconds=float(loader["stall_seconds"]))
         patch = self.config.geometry.patch
         top[0].reshape(1, 3, patch, patch)
         for index in range(1, 4):

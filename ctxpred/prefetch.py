@@ -11,6 +11,11 @@ collection and interpreter exit (``weakref.finalize``), and a worker whose
 parent dies (SIGKILL, SIGTERM without handler) notices and exits; shared memory
 is unlinked by the owner, or by multiprocessing's resource tracker if the owner
 is killed outright.
+
+A worker that stops delivering (a hung file system, a decode that never
+ends) is detected: after ``stall_seconds`` without a batch the consumer
+raises RuntimeError. Images a worker skips are reported to the consumer,
+which warns once per image per run (not once per worker) and counts them.
 """
 import multiprocessing
 import os
@@ -18,13 +23,14 @@ import queue
 import signal
 import time
 import traceback
+import warnings
 import weakref
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import numpy as np
 
-from ctxpred.batching import BatchAssembler
+from ctxpred.batching import BatchAssembler, SkippedImageWarning
 
 # How often a waiting consumer checks that its workers are alive (seconds).
 _LIVENESS_POLL = 0.5
@@ -68,10 +74,12 @@ def _worker_main(index, source, config, seed_sequence, memory_name, depth, max_p
                  free_slots, ready, parent_pid):
     """Fill free slots with batches until told to stop or the parent dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides on Ctrl-C
+    warnings.simplefilter("ignore", SkippedImageWarning)  # the consumer warns, once per image
     memory = shared_memory.SharedMemory(name=memory_name)
     ring = _SlotRing(memory, depth, config.max_patches, max_pairs, config.geometry.patch)
     try:
         assembler = BatchAssembler(source, config, np.random.default_rng(seed_sequence))
+        reported = 0  # skipped images already sent to the consumer
         while True:
             try:
                 slot = free_slots.get(timeout=1.0)
@@ -88,12 +96,22 @@ def _worker_main(index, source, config, seed_sequence, memory_name, depth, max_p
             ring.pairs[slot, 0, :n_pairs] = info.select1
             ring.pairs[slot, 1, :n_pairs] = info.select2
             ring.pairs[slot, 2, :n_pairs] = info.labels
-            ready.put(("batch", slot, info.n_patches, n_pairs, len(assembler.skipped)))
-    except BaseException:  # reported to the consumer, which raises it
-        ready.put(("error", traceback.format_exc()))
+            skipped = list(assembler.skipped.items())[reported:]
+            reported += len(skipped)
+            ready.put(("batch", slot, info.n_patches, n_pairs, skipped))
+    except BaseException as error:  # reported to the consumer, which raises it
+        ready.put(("error", isinstance(error, ValueError), _one_line(error)))
     finally:
         ring.release_views()
         memory.close()
+
+
+def _one_line(error):
+    """``Type: message (file:line)`` of an exception, where it was raised, on one line."""
+    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    where = f" ({os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}{where}" if not isinstance(error, ValueError) else text
 
 
 def _shutdown(processes, free_queues, memories):
@@ -132,16 +150,26 @@ class BatchPrefetcher:
         Number of worker processes (>= 1).
     depth : int
         Batches each worker may hold ready ahead of the consumer.
+    stall_seconds : float
+        How long :meth:`next` waits for a live worker's batch before it
+        raises RuntimeError (the worker stalled).
+
+    ``skipped`` holds {image name: reason} of the images the workers skipped
+    (each also warned once, as a SkippedImageWarning); ``images_skipped`` is
+    their number.
     """
 
-    def __init__(self, source, config, seed=0, workers=2, depth=3):
+    def __init__(self, source, config, seed=0, workers=2, depth=3, stall_seconds=300.0):
         if workers < 1 or depth < 1:
             raise ValueError(f"workers and depth must be >= 1, got {workers} and {depth}")
+        if not stall_seconds > 0:
+            raise ValueError(f"stall_seconds must be positive, got {stall_seconds}")
+        self.stall_seconds = stall_seconds
         self.config = config
         self.max_pairs = config.max_pairs
         self.workers = workers
         self.wait_seconds = 0.0  # total time next() spent waiting for data
-        self.images_skipped = 0
+        self.skipped = {}
         # fork: works inside the `caffe` binary's embedded interpreter, where
         # sys.executable is not a Python. Workers never touch Caffe or BLAS.
         context = multiprocessing.get_context("fork")
@@ -173,8 +201,9 @@ class BatchPrefetcher:
         """The next batch in round-robin order; waits for it if needed.
 
         The previous batch's slot is handed back to its worker, so a batch's
-        arrays are valid until the following call. Raises RuntimeError if a
-        worker failed or died.
+        arrays are valid until the following call. Raises ValueError if a
+        worker found no usable input (one line naming the source), RuntimeError
+        if a worker failed, died or delivered nothing for ``stall_seconds``.
         """
         if self._held is not None:
             self._free[self._held.worker].put(self._held.slot)
@@ -184,7 +213,11 @@ class BatchPrefetcher:
         message = self._receive(worker)
         self.wait_seconds += time.perf_counter() - started
         _, slot, n_patches, n_pairs, skipped = message
-        self.images_skipped = max(self.images_skipped, skipped)
+        for name, reason in skipped:
+            if name not in self.skipped:
+                self.skipped[name] = reason
+                warnings.warn(f"skipping image {name}: {reason}", SkippedImageWarning,
+                              stacklevel=2)
         ring = self._rings[worker]
         pairs = ring.pairs[slot]
         self._held = Batch(data=ring.data[slot, :n_patches], select1=pairs[0, :n_pairs],
@@ -193,8 +226,13 @@ class BatchPrefetcher:
         self._next_worker = (worker + 1) % self.workers
         return self._held
 
+    @property
+    def images_skipped(self):
+        return len(self.skipped)
+
     def _receive(self, worker):
         process = self._processes[worker]
+        waiting_since = time.monotonic()
         while True:
             try:
                 message = self._ready[worker].get(timeout=_LIVENESS_POLL)
@@ -203,11 +241,21 @@ class BatchPrefetcher:
                     self.close()
                     raise RuntimeError(
                         f"data loader worker {worker} died (exit code {process.exitcode}) "
-                        "without reporting an error; see the log above")
+                        "without reporting an error; see the log above") from None
+                if time.monotonic() - waiting_since > self.stall_seconds:
+                    self.close()
+                    raise RuntimeError(
+                        f"data loader worker {worker} delivered no batch in "
+                        f"{self.stall_seconds:g} s: it stalled (a hung file system, an image "
+                        "that does not finish decoding?); the limit is the data layer's "
+                        "\"stall_seconds\"") from None
                 continue
             if message[0] == "error":
                 self.close()
-                raise RuntimeError(f"data loader worker {worker} failed:\n{message[1]}")
+                _, bad_input, text = message
+                if bad_input:  # no usable image in the source
+                    raise ValueError(text)
+                raise RuntimeError(f"data loader worker {worker} failed: {text}")
             return message
 
     def close(self):

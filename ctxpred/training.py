@@ -239,6 +239,13 @@ def _data_layer(net):
     return next((layer for layer in net.layers if isinstance(layer, PatchPairData)), None)
 
 
+def skipped_images_note(net):
+    """``"; N images skipped (unreadable or too small)"`` for a net's data layer, or ""."""
+    layer = _data_layer(net)
+    count = layer.prefetcher.images_skipped if layer is not None else 0
+    return f"; {count} image{'s' * (count != 1)} skipped (unreadable or too small)" if count else ""
+
+
 def default_workers(gpu, cpu_count=None):
     """Loader processes for a run: 2 on the CPU; with a GPU, every core but one (the solver's)."""
     if gpu is None:
@@ -490,18 +497,19 @@ def _run(solver, run_dir, max_iter, time_budget_s, plot_seconds, flush_seconds,
             except (DivergenceError, KeyboardInterrupt, snapshots.SnapshotError):
                 raise
             except Exception as error:  # a failed loader, an I/O error: keep the last step
+                skipped = skipped_images_note(net)
                 try:
                     save(stop)
-                    log(f"failed at iteration {solver.iter} ({error}); snapshot written")
+                    log(f"failed at iteration {solver.iter} ({error}); snapshot written{skipped}")
                 except Exception as snapshot_error:
                     log(f"failed at iteration {solver.iter} ({error}); no snapshot: "
-                        f"{snapshot_error}")
+                        f"{snapshot_error}{skipped}")
                 raise
             loop.close()
             save(stop)
         snapshot = snapshots.snapshot_pairs(run_dir)
         log(f"stopped at iteration {solver.iter} ({reason}); snapshot "
-            f"{snapshot[0][1] if snapshot else 'none'}")
+            f"{snapshot[0][1] if snapshot else 'none'}{skipped_images_note(net)}")
         loop.plot()
     except DivergenceError as error:
         loop.close()
@@ -514,7 +522,7 @@ def _run(solver, run_dir, max_iter, time_budget_s, plot_seconds, flush_seconds,
     except KeyboardInterrupt as interrupt:
         good = snapshots.snapshot_pairs(run_dir)
         log(f"interrupted at iteration {solver.iter}: {interrupt or 'Ctrl-C'}; newest "
-            f"snapshot {good[0][1] if good else 'none'}")
+            f"snapshot {good[0][1] if good else 'none'}{skipped_images_note(net)}")
         raise
     finally:
         try:

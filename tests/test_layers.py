@@ -123,7 +123,8 @@ def test_dead_worker_raises_within_seconds(photo_folder):
 def test_worker_error_is_reported(tmp_path):
     (tmp_path / "only.jpg").write_bytes(b"not an image at all")
     loader = BatchPrefetcher(open_source(str(tmp_path)), PatchPairConfig(), workers=1)
-    with pytest.raises(RuntimeError, match="no usable image"):
+    # Bad input, raised as such (exit 2 in train.py), on one line naming the source and why.
+    with pytest.raises(ValueError, match=r"^no usable image in folder .*only\.jpg: not an image"):
         loader.next()
 
 

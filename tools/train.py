@@ -88,6 +88,10 @@ def parse_args(argv):
     parser.add_argument("--flush-seconds", type=float, default=10,
                         help="write buffered train.log rows every S seconds, and on every "
                              "stop (default: %(default)s)")
+    parser.add_argument("--loader-timeout", type=float, default=300, metavar="SECONDS",
+                        help="stop with an error (after a snapshot) when a data loader worker "
+                             "delivers no batch for this long: a hung file system, an image "
+                             "that never finishes decoding (default: %(default)s)")
     parser.add_argument("--print-seconds", type=float, default=10,
                         help="without a terminal, print a progress line every S seconds "
                              "(default: %(default)s)")
@@ -140,7 +144,11 @@ def run(args, out, caffe, lock):
     if args.base_lr is not None:
         overrides["base_lr"] = args.base_lr
     overrides["solver_mode"] = "GPU" if args.gpu is not None else "CPU"
-    data = {"mode": args.mode}
+    if not args.loader_timeout > 0:
+        print(f"error: --loader-timeout must be positive, not {args.loader_timeout}",
+              file=sys.stderr)
+        return 2
+    data = {"mode": args.mode, "stall_seconds": args.loader_timeout}
     if args.max_patches:
         data["max_patches"] = args.max_patches
     workers = args.workers if args.workers is not None else default_workers(args.gpu)
