@@ -71,7 +71,7 @@ from ctxpred.images import (DEFAULT_MAX_PIXELS, FileSource, ImageError, ImageSou
                             decode_rgb_within, limit_pixels, no_usable_image)
 from ctxpred.nets import MEAN_RGB, PATCH
 from ctxpred.preprocess import crop_patches
-from ctxpred.surgery import fold_batchnorm, read_net_param
+from ctxpred.surgery import fold_batchnorm, net_param_shapes, read_net_param
 from ctxpred.weights import read_weights
 
 PATCH_MODES = ("random", "grid")
@@ -88,12 +88,15 @@ class WeightMismatchError(ValueError):
 def read_deploy_param(path):
     """The NetParameter of a deploy prototxt (see ctxpred.surgery.read_net_param).
 
-    Raises ValueError naming the file when it has no Input layer.
+    Raises ValueError naming the file when it has no Input layer, or when
+    Caffe cannot build it (checked in a child process,
+    :func:`ctxpred.surgery.net_param_shapes`: building it here would abort).
     """
     param = read_net_param(path)
     if sum(layer.type == "Input" for layer in param.layer) != 1:
         raise ValueError(f"{path} needs exactly one Input layer (or input: header) "
                          "to be a feature net")
+    net_param_shapes(param, path)
     return param
 
 

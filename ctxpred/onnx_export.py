@@ -55,6 +55,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ctxpred.caffe_env import load_caffe
+from ctxpred.surgery import load_weights_file
 
 MIN_OPSET = 13  # Softmax over one axis, Split's sizes as an input, ReduceSum's axes as an input
 DEFAULT_OPSET = 17
@@ -698,7 +699,8 @@ def compare_with_caffe(deploy_path, weights_path, onnx_path, inputs):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path} does not exist")
     caffe = load_caffe()
-    net = caffe.Net(str(deploy_path), caffe.TEST, weights=str(weights_path))
+    net = caffe.Net(str(deploy_path), caffe.TEST)
+    load_weights_file(net, weights_path)
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     if not isinstance(inputs, dict):
         if len(net.inputs) != 1:

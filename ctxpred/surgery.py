@@ -68,8 +68,8 @@ def read_net_param(path):
     an Input layer. Raises FileNotFoundError naming a missing file, and
     ValueError naming a file that is not a net definition (not text, a syntax
     error, no layers, or the V1 ``layers`` format that Caffe upgrades on load)
-    and the first layer whose type this Caffe build lacks (building it would
-    abort the process).
+    and the first layer whose type this Caffe build lacks or that reads a blob
+    no earlier layer writes (building it would abort the process).
     """
     caffe_pb2 = import_caffe().proto.caffe_pb2
     path = Path(path)
@@ -87,12 +87,35 @@ def read_net_param(path):
         _input_header_to_layers(net_param)
     if not net_param.layer:
         raise ValueError(f"{path} defines no layers")
-    known = set(import_caffe().layer_type_list())
+    known, written = set(import_caffe().layer_type_list()), set()
     for layer in net_param.layer:
         if layer.type not in known:
             raise ValueError(f"{path}: layer {layer.name!r} has type {layer.type!r}, which this "
                              f"Caffe build does not have")
+        for bottom in layer.bottom:
+            if bottom not in written:
+                raise ValueError(f"{path}: layer {layer.name!r} reads blob {bottom!r}, which no "
+                                 "earlier layer writes")
+        written.update(layer.top)
     return net_param
+
+
+def read_solver_param(path):
+    """The caffe_pb2.SolverParameter of a solver prototxt, checked before Caffe reads it.
+
+    Raises FileNotFoundError naming a missing file and ValueError naming one
+    that is not a solver definition (Caffe would abort the process on it).
+    """
+    caffe_pb2 = import_caffe().proto.caffe_pb2
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"solver file {path} does not exist")
+    solver_param = caffe_pb2.SolverParameter()
+    try:
+        text_format.Merge(path.read_text(encoding="utf-8"), solver_param)
+    except (text_format.ParseError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a Caffe solver definition (prototxt): {error}") from None
+    return solver_param
 
 
 def _input_header_to_layers(net_param):

@@ -32,6 +32,7 @@ import numpy as np
 
 from ctxpred.layers import PatchPairData, close_data_layers
 from ctxpred.nets import NetOptions, data_layer_params, solver_text, train_net
+from ctxpred.surgery import read_solver_param
 from ctxpred.trainlog import LOG_COLUMNS, TrainLog, plot_log, plot_summary, read_log  # noqa: F401
 
 STOP_FILES = ("pause", "quit")
@@ -92,6 +93,7 @@ def write_run_files(run_dir, config, solver_template=None):
     net_path.write_text(str(train_net(config.net, params,
                                       NetOptions(factorized_head=config.factorized_head))))
     if solver_template:
+        read_solver_param(solver_template)  # Caffe would abort on a syntax error
         text = Path(solver_template).read_text()
         text = re.sub(r'^\s*(net|snapshot_prefix|solver_mode|train_net)\s*:.*\n?', "", text,
                       flags=re.M)

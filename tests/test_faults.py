@@ -4,7 +4,7 @@ abort; debatchnorm refuses BatchNorms it cannot fold; one exit-code convention.
 
 Real Caffe, real files: weights of a small deploy net saved by Caffe, then
 truncated, emptied, or paired with a definition that has an unknown layer
-type, a syntax error or other shapes.
+type, a syntax error, a layer reading a blob nobody writes, or other shapes.
 """
 import re
 import subprocess
@@ -38,9 +38,11 @@ layer { name: "fc6" type: "InnerProduct" bottom: "pool1" top: "fc6"
 
 
 def glog_free(stderr):
-    """stderr without Caffe's informational glog lines (a CUDA build logs at import)."""
-    return [line for line in stderr.splitlines()
-            if line.strip() and not re.match(r"[IWE]\d{4} |WARNING: Logging before", line)]
+    """stderr without Caffe's informational glog lines (a CUDA build logs at import) and
+    progress bars."""
+    return [line for line in re.split(r"[\r\n]", stderr)
+            if line.strip() and not re.match(r"[IWE]\d{4} |WARNING: Logging before", line)
+            and "%|" not in line]
 
 
 def run_tools(commands, parallel=4):
@@ -76,6 +78,8 @@ def faults(caffe, tmp_path_factory):
         paths[name] = folder / name
     for name, text in (("unknown_type.prototxt", SMALL_DEPLOY.replace('"ReLU"', '"Relu"')),
                        ("syntax.prototxt", SMALL_DEPLOY.replace("pool: MAX", "pool: MAX }")),
+                       ("missing_bottom.prototxt", SMALL_DEPLOY.replace('bottom: "pool1"',
+                                                                        'bottom: "pool2"')),
                        ("shapes.prototxt", SMALL_DEPLOY.replace("num_output: 16",
                                                                 "num_output: 10"))):
         (folder / name).write_text(text)
@@ -151,7 +155,8 @@ def test_damaged_weights_give_one_line_in_every_tool(faults, tmp_path):
 
 
 def test_damaged_definitions_give_one_line_in_every_tool(faults, tmp_path):
-    cases = [(name, command) for name in ("unknown_type.prototxt", "syntax.prototxt")
+    cases = [(name, command)
+             for name in ("unknown_type.prototxt", "syntax.prototxt", "missing_bottom.prototxt")
              for command in definition_commands(faults[name], faults, tmp_path)]
     shapes = [command for command in definition_commands(faults["shapes.prototxt"], faults,
                                                          tmp_path)
@@ -256,3 +261,17 @@ def test_one_exit_code_convention(faults, tmp_path):
     assert full.returncode == FAILED and "No space left on device" in full.stderr, full.stderr
     assert len(glog_free(full.stderr)) == 1 and "Traceback" not in full.stderr
     assert missing.returncode == BAD_INPUT and "missing.caffemodel" in missing.stderr
+
+
+def test_training_tools_check_their_solver_and_initial_weights(faults, tiny_detection_set,
+                                                               tmp_path):
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text('base_lr: 0.01\nlr_policy: "fixed\n')  # an unterminated string
+    results = run_tools([
+        ("train.py", "--solver", solver, "--out", tmp_path / "run", "--iters", "1"),
+        ("train_detector.py", "--dataset", tiny_detection_set, "--init",
+         faults["truncated.caffemodel"], "--out", tmp_path / "detector", "--iters", "1"),
+    ])
+    failures = [one_line_failure(result, name) for result, name in
+                zip(results, (solver, faults["truncated.caffemodel"]))]
+    assert not list(filter(None, failures))
