@@ -36,9 +36,11 @@ def exit_code(error):
     weights that do not fit, no usable image: the library's input errors all
     derive from ValueError) are bad input; other OSErrors (reading or writing
     while running: a full disk, an I/O error) and RuntimeError (a failed
-    loader) are failures.
+    loader) are failures. An exception class may carry its own ``exit_code``
+    (training's DivergenceError: 3).
     """
-    return BAD_INPUT if isinstance(error, (FileNotFoundError, ValueError)) else FAILED
+    default = BAD_INPUT if isinstance(error, (FileNotFoundError, ValueError)) else FAILED
+    return getattr(error, "exit_code", default)
 
 
 def run_tool(main, argv=None):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctxpred.exits import DIVERGED
 from ctxpred.layers import PatchPairData, close_data_layers
 from ctxpred.nets import NetOptions, data_layer_params, solver_text, train_net
 from ctxpred.surgery import read_solver_param
@@ -41,6 +42,8 @@ _SNAPSHOT = re.compile(r"model_iter_(\d+)\.solverstate$")
 
 class DivergenceError(RuntimeError):
     """Training diverged; the message says what was seen and what was kept."""
+
+    exit_code = DIVERGED
 
 
 @dataclass(frozen=True)

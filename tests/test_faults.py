@@ -16,8 +16,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from ctxpred.exits import BAD_INPUT, DIVERGED, DONE, FAILED
+from ctxpred.exits import BAD_INPUT, DIVERGED, DONE, FAILED, exit_code
 from ctxpred.surgery import check_batchnorms_fold, read_net_param
+from ctxpred.training import DivergenceError
 from ctxpred.weights import read_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,12 +245,15 @@ def test_debatchnorm_refuses_a_batchnorm_with_nothing_to_fold_into(caffe, tmp_pa
 
 def test_one_exit_code_convention(faults, tmp_path):
     assert (DONE, FAILED, BAD_INPUT, DIVERGED) == (0, 1, 2, 3)
+    assert [exit_code(error) for error in (DivergenceError("nan loss"), ValueError("bad"),
+                                           FileNotFoundError("gone"), OSError(28, "full"),
+                                           RuntimeError("worker died"))] == [3, 2, 2, 1, 1]
     readme = (REPO / "README.md").read_text()
     for code in ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 130 |"):
         assert code in readme
     # Every tool maps what it raises through ctxpred.exits.
     for tool in sorted(TOOLS.glob("*.py")):
-        if tool.name in ("cuda_toolkit.py", "make_prototxt.py", "demo.py",
+        if tool.name in ("cuda_toolkit.py", "make_prototxt.py",
                          "finetune_classification.py", "compare_classifiers.py"):
             continue
         assert "sys.exit(run_tool(main))" in tool.read_text(), tool.name

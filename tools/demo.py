@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ctxpred.caffe_env import gpu_status, load_caffe
+from ctxpred.exits import run_tool
 from ctxpred.training import (RunConfig, choose_device, default_workers, latest_snapshot,
                               move_aside, recompute_batchnorm_statistics, train,
                               write_run_files)
@@ -188,4 +189,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))
