@@ -260,6 +260,12 @@ if command -v ccache >/dev/null; then
   cmake_args+=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
   # Paths relative to the temporary folder, so rebuilds hit the cache.
   export CCACHE_BASEDIR="$work"
+  if [ "$cuda" = 1 ]; then
+    # FindCUDA calls nvcc directly: a wrapper sends the .cu files through ccache too.
+    printf '#!/bin/sh\nexec ccache "%s" "$@"\n' "$cuda_root/bin/nvcc" > "$work/nvcc-ccache"
+    chmod +x "$work/nvcc-ccache"
+    cmake_args+=(-DCUDA_NVCC_EXECUTABLE="$work/nvcc-ccache")
+  fi
   say "using ccache"
 fi
 
