@@ -61,14 +61,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ctxpred.caffe_env import import_caffe
 from ctxpred.images import (DEFAULT_MAX_PIXELS, FileSource, ImageError, ImageSource, decode_rgb,
-                            decode_rgb_within, limit_pixels, no_usable_image)
+                            decode_rgb_within, no_usable_image)
 from ctxpred.nets import MEAN_RGB, PATCH
 from ctxpred.preprocess import crop_patches
 from ctxpred.surgery import fold_batchnorm, net_param_shapes, read_net_param

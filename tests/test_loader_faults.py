@@ -127,7 +127,7 @@ def test_a_source_without_a_usable_image_gives_one_line_in_every_tool(caffe, tmp
         ("max_activations.py", "--weights", weights, "--images", folder, "--patches", "4",
          "--layers", "fc6", "--out", tmp_path / "max"),
         ("neighbour_proxy.py", "--weights", weights, "--images", folder),
-        ("magic_init.py", "-d", f"{folder}/*", str(REPO / "prototxt" / "groupless_caffenet.prototxt"),
+        ("magic_init.py", "-d", f"{folder}/*", REPO / "prototxt" / "groupless_caffenet.prototxt",
          tmp_path / "magic.caffemodel"),
     ]
     processes = [subprocess.Popen([sys.executable, str(TOOLS / name), *map(str, args)],
