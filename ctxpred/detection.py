@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ctxpred.images import ImageError, decode_rgb_sized
 from ctxpred.proposals import load_proposals
 from ctxpred.voc import box_iou, image_path, nms, read_dataset
 
@@ -229,20 +230,40 @@ def unnormalised_bbox_weights(weight, bias, means, stds):
     return weight * stds.reshape(-1, 1), bias * stds.reshape(-1) + means.reshape(-1)
 
 
-def image_blob(images, config, scale):
+def read_image(path, config):
+    """(BGR uint8 image, its full (height, width)) of a dataset image, as detection needs it.
+
+    Decoded upright (EXIF orientation) and, for large JPEGs, at a reduced DCT
+    scale that still holds every pixel the largest of ``config.scales`` and
+    ``config.max_size`` use, so memory is bounded by the config, not by the
+    file (ordinary photos come at full size). Raises DatasetError naming an
+    unreadable image.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        rgb, full_size = decode_rgb_sized(data, str(path), max(config.scales) * config.max_size)
+    except (OSError, ImageError) as error:
+        raise DatasetError(f"cannot read image {path}: {error}") from error
+    return np.ascontiguousarray(rgb[:, :, ::-1]), full_size
+
+
+def image_blob(images, config, scale, full_sizes=None):
     """Images (list of BGR uint8 (H, W, 3)) -> blob (N, 3, H', W') float32 and their scales.
 
-    Each image is mean-subtracted and resized so that its shorter side is
-    ``scale`` pixels unless its longer side would exceed ``config.max_size``;
-    smaller images are zero-padded at the bottom right.
+    Each image is mean-subtracted and resized so that its full-size shorter
+    side is ``scale`` pixels unless its longer side would exceed
+    ``config.max_size``; smaller images are zero-padded at the bottom right.
+    ``full_sizes``: each image's full (height, width) when it was decoded
+    smaller (:func:`read_image`); the scales returned map full-size pixels to
+    the blob's.
     """
     resized, scales = [], []
-    for image in images:
-        short, long = min(image.shape[:2]), max(image.shape[:2])
-        factor = min(scale / short, config.max_size / long)
+    for image, size in zip(images, full_sizes or [image.shape[:2] for image in images]):
+        factor = min(scale / min(size), config.max_size / max(size))
         pixels = image.astype(np.float32) - np.array(config.pixel_means, np.float32)
-        resized.append(cv2.resize(pixels, None, fx=factor, fy=factor,
-                                  interpolation=cv2.INTER_LINEAR))
+        target = (int(round(size[1] * factor)), int(round(size[0] * factor)))
+        resized.append(cv2.resize(pixels, target, interpolation=cv2.INTER_LINEAR))
         scales.append(factor)
     height = max(image.shape[0] for image in resized)
     width = max(image.shape[1] for image in resized)
@@ -290,17 +311,21 @@ def normalised_targets(roidb, means, stds):
         entry.targets[rows, 1:] = (entry.targets[rows, 1:] - means[cls]) / stds[cls]
 
 
-def detect(net, image, boxes, config, cls_blob="cls_prob", bbox_blob="bbox_pred"):
+def detect(net, image, boxes, config, cls_blob="cls_prob", bbox_blob="bbox_pred",
+           full_size=None):
     """Class scores and regressed boxes of proposals on one image (Fast R-CNN's im_detect).
 
-    image: BGR uint8 (H, W, 3); boxes: (K, 4) proposals (0-based). The test
+    image: BGR uint8 (H, W, 3), decoded smaller than its ``full_size`` (H, W)
+    when given (:func:`read_image`); boxes: (K, 4) full-size proposals
+    (0-based). The test
     net takes ``data`` and ``rois``. With several ``config.scales`` each RoI
     is scored at the scale where its area comes closest to 224x224 pixels, as
     in Fast R-CNN's multiscale testing. Returns scores (K, C) and boxes
     (K, 4C), clipped to the image.
     """
-    height, width = image.shape[:2]
-    per_scale = [image_blob([image], config, scale) for scale in config.scales]
+    height, width = full_size or image.shape[:2]
+    per_scale = [image_blob([image], config, scale, [(height, width)])
+                 for scale in config.scales]
     factors = np.array([factor[0] for _, factor in per_scale])
     areas = ((boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1))[:, None]
     level = np.abs(areas * factors[None, :] ** 2 - 224 * 224).argmin(axis=1)
@@ -351,11 +376,8 @@ def detect_dataset(net, dataset, split, proposals_path, classes, config=Detectio
     proposals = load_proposals(proposals_path, [image_id for image_id, _ in items])
     detections = {name: [] for name in classes}
     for image_id, annotation in items:
-        path = image_path(dataset, image_id)
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise DatasetError(f"cannot read image {path}")
-        scores, boxes = detect(net, image, proposals[image_id] - 1, config)
+        image, full_size = read_image(image_path(dataset, image_id), config)
+        scores, boxes = detect(net, image, proposals[image_id] - 1, config, full_size=full_size)
         for name, found in zip(classes, class_detections(scores, boxes, config)):
             detections[name].extend((image_id, float(row[4]), tuple(map(float, row[:4])))
                                     for row in found)

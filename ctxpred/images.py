@@ -420,9 +420,9 @@ _SIDEWAYS = frozenset({5, 6, 7, 8})
 DEFAULT_MAX_PIXELS = 4_000_000
 
 
-def _decode(data: bytes, name: str, max_pixels: int | None,
-            min_side: int | None) -> tuple[np.ndarray, int]:
-    """(upright RGB array, the upright image's full width); see :func:`decode_rgb`."""
+def decode_rgb_sized(data: bytes, name: str, max_pixels: int | None = None,
+                     min_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(:func:`decode_rgb`'s array, the upright image's full (height, width))."""
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
     try:
@@ -445,10 +445,10 @@ def _decode(data: bytes, name: str, max_pixels: int | None,
             image = image.convert("RGBA")
         if orientation in _UPRIGHT:
             image = image.transpose(_UPRIGHT[orientation])
-        full_width = height if orientation in _SIDEWAYS else width
+        full_size = (width, height) if orientation in _SIDEWAYS else (height, width)
         if image.mode != "RGB":  # convert() would copy even an RGB image
             image = image.convert("RGB")
-        return np.array(image, dtype=np.uint8), full_width
+        return np.array(image, dtype=np.uint8), full_size
     except ImageError:
         raise
     except UnidentifiedImageError as error:  # its message quotes a BytesIO object's address
@@ -488,7 +488,7 @@ def decode_rgb(data: bytes, name: str, max_pixels: int | None = None,
     Raises :class:`ImageError` naming ``name`` for empty, truncated, corrupt,
     non-image, unsupported or too small data.
     """
-    return _decode(data, name, max_pixels, min_side)[0]
+    return decode_rgb_sized(data, name, max_pixels, min_side)[0]
 
 
 def decode_rgb_within(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -500,7 +500,7 @@ def decode_rgb_within(data: bytes, name: str, max_pixels: int | None = DEFAULT_M
     ``max_pixels``, not by the file. scale: the result's width over the full
     upright image's width (1.0 when nothing was shrunk). None: full size.
     """
-    image, full_width = _decode(data, name, max_pixels, min_side)
+    image, (_, full_width) = decode_rgb_sized(data, name, max_pixels, min_side)
     image, _ = limit_pixels(image, max_pixels)
     return image, image.shape[1] / full_width
 

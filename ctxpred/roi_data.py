@@ -40,13 +40,12 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from ctxpred.caffe_env import import_caffe
 from ctxpred.detection import (DatasetError, DetectionConfig, build_roidb, image_blob,
-                               normalised_targets, read_classes, sample_rois, target_statistics,
-                               usable_entries)
+                               normalised_targets, read_classes, read_image, sample_rois,
+                               target_statistics, usable_entries)
 
 caffe = import_caffe()
 
@@ -78,20 +77,18 @@ class ImageCache:
         self.images = OrderedDict()
         self.size = 0
 
-    def get(self, path):
-        image = self.images.get(path)
-        if image is not None:
+    def get(self, path, config):
+        """(BGR image, full size) of :func:`ctxpred.detection.read_image`."""
+        item = self.images.get(path)
+        if item is not None:
             self.images.move_to_end(path)
-            return image
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise DatasetError(f"cannot read image {path}")
-        self.images[path] = image
-        self.size += image.nbytes
+            return item
+        item = self.images[path] = read_image(path, config)
+        self.size += item[0].nbytes
         while self.size > self.limit_bytes and len(self.images) > 1:
-            _, dropped = self.images.popitem(last=False)
+            _, (dropped, _) = self.images.popitem(last=False)
             self.size -= dropped.nbytes
-        return image
+        return item
 
 
 class RoIData(caffe.Layer):
@@ -140,10 +137,10 @@ class RoIData(caffe.Layer):
         """One minibatch as a dict of the five top arrays."""
         entries = self.next_entries()
         scale = self.config.scales[int(self.rng.integers(len(self.config.scales)))]
-        images = [self.cache.get(entry.image) for entry in entries]
+        loaded = [self.cache.get(entry.image, self.config) for entry in entries]
         images = [image[:, ::-1] if entry.flipped else image
-                  for image, entry in zip(images, entries)]
-        data, factors = image_blob(images, self.config, scale)
+                  for (image, _), entry in zip(loaded, entries)]
+        data, factors = image_blob(images, self.config, scale, [size for _, size in loaded])
         rois_per_image = self.config.batch_size // self.config.ims_per_batch
         parts = [sample_rois(entry, rois_per_image, self.num_classes, self.config, self.rng)
                  for entry in entries]

@@ -116,6 +116,7 @@ def test_images_smaller_than_a_patch_are_skipped_at_their_full_size(photo_folder
 
 PEAK = textwrap.dedent("""
     import sys
+    from ctxpred.detection import DetectionConfig, read_image
     from ctxpred.features import sampled_patches
     from ctxpred.images import open_source
 
@@ -126,20 +127,24 @@ PEAK = textwrap.dedent("""
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")  # resets the peak resident memory (VmHWM) to the current one
     before = status("VmRSS:")
-    items = list(sampled_patches(open_source(sys.argv[1]), "grid"))
-    assert items[0].skipped is None and len(items[0].patches) > 0, items[0].skipped
+    if sys.argv[2] == "features":
+        items = list(sampled_patches(open_source(sys.argv[1]), "grid"))
+        assert items[0].skipped is None and len(items[0].patches) > 0, items[0].skipped
+    else:  # the detection set's loader, at its largest multiscale setting
+        image, _ = read_image(sys.argv[1], DetectionConfig(scales=(1200,), max_size=2000))
     print((status("VmHWM:") - before) / 1024)
 """)
 
 
-def peak_megabytes(path):
-    """Growth of a fresh process's peak resident memory while the feature tools' decode runs."""
-    result = subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True,
+def peak_megabytes(path, reader):
+    """Growth of a fresh process's peak resident memory while ``reader`` decodes ``path``."""
+    result = subprocess.run([sys.executable, "-c", PEAK, str(path), reader], capture_output=True,
                             text=True, cwd=REPO, check=True)
     return float(result.stdout.split()[-1])
 
 
-def test_a_10000_pixel_jpeg_costs_the_feature_tools_no_more_than_a_photo(tmp_path):
+def test_a_10000_pixel_jpeg_costs_the_feature_tools_and_detection_no_more_than_a_photo(
+        tmp_path):
     tile = skimage.data.astronaut()[:500, :500]
     huge = Image.fromarray(np.tile(tile, (20, 20, 1)))  # 10000 x 10000, 300 MB decoded
     huge.save(tmp_path / "huge.jpg", quality=90)
@@ -147,6 +152,29 @@ def test_a_10000_pixel_jpeg_costs_the_feature_tools_no_more_than_a_photo(tmp_pat
     Image.fromarray(np.tile(tile, (3, 4, 1))).save(tmp_path / "photo.jpg", quality=90)  # 2000x1500
     print(f"file sizes: {os.path.getsize(tmp_path / 'photo.jpg') / 2 ** 20:.1f} and "
           f"{os.path.getsize(tmp_path / 'huge.jpg') / 2 ** 20:.1f} MB")
-    photo, big = peak_megabytes(tmp_path / "photo.jpg"), peak_megabytes(tmp_path / "huge.jpg")
-    print(f"peak growth: 2000x1500 photo {photo:.0f} MB, 10000x10000 JPEG {big:.0f} MB")
-    assert big < photo + 80, (photo, big)  # at full size: over 300 MB more
+    for reader in ("features", "detection"):
+        photo = peak_megabytes(tmp_path / "photo.jpg", reader)
+        big = peak_megabytes(tmp_path / "huge.jpg", reader)
+        print(f"{reader}: peak growth: 2000x1500 photo {photo:.0f} MB, "
+              f"10000x10000 JPEG {big:.0f} MB")
+        assert big < photo + 80, (reader, photo, big)  # at full size: over 300 MB more
+
+
+def test_detection_sees_a_reduced_image_at_the_same_scale_and_boxes(tmp_path):
+    from ctxpred.detection import DetectionConfig, image_blob, read_image
+
+    upright = np.tile(skimage.data.astronaut(), (4, 5, 1))  # 2048 x 2560
+    Image.fromarray(upright).save(tmp_path / "big.jpg", quality=95)
+    sideways(upright, tmp_path / "turned.jpg")
+    config = DetectionConfig(scales=(300,), max_size=500)
+    image, full_size = read_image(tmp_path / "big.jpg", config)
+    # DCT scale 1/4: at least 300 x 500 pixels, more than the blob uses.
+    assert full_size == (2048, 2560) and image.shape == (512, 640, 3)
+    full = cv2.imread(str(tmp_path / "big.jpg"), cv2.IMREAD_COLOR)
+    (blob, (scale,)), (full_blob, (full_scale,)) = (
+        image_blob([image], config, 300, [full_size]), image_blob([full], config, 300))
+    assert scale == full_scale == 300 / 2048 and blob.shape == full_blob.shape
+    # The same picture (the full-size path aliases more: linear interpolation at 1/7).
+    assert np.corrcoef(blob.ravel(), full_blob.ravel())[0, 1] > 0.95
+    turned, turned_size = read_image(tmp_path / "turned.jpg", config)
+    assert turned.shape == image.shape and turned_size == full_size  # upright, as cv2.imread
