@@ -12,7 +12,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup venv caffe data prototxt test demo
+.PHONY: help setup venv caffe data prototxt test demo chromium
 
 help:
 	@echo "make test    set up (Debian packages, .venv, Caffe, photos), run the tests"
@@ -41,7 +41,14 @@ data: $(STAMP)
 prototxt: $(STAMP)
 	$(PY) tools/make_prototxt.py
 
-test: setup
+# The page tests render HTML in headless Chromium (Debian's package).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "error: the page tests need Chromium; run: sudo apt-get install chromium" >&2; exit 2; fi; }
+
+test: setup chromium
 	$(PY) -m pytest -q tests
 
 demo: setup

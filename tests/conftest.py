@@ -1,4 +1,6 @@
 """Shared fixtures. Caffe is real in every test: a missing build fails loudly."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import skimage.data
@@ -14,6 +16,16 @@ def caffe():
         return load_caffe(gpu=None, quiet=True)
     except CaffeNotAvailable as error:
         pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Path of headless Chromium for page tests; fails (never skips) without it."""
+    path = Path("/usr/bin/chromium")
+    if not path.exists():
+        pytest.fail("no /usr/bin/chromium to render pages with: `make test` installs it as "
+                    "root, or run: sudo apt-get install chromium", pytrace=False)
+    return path
 
 
 @pytest.fixture

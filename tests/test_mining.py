@@ -17,7 +17,6 @@ from ctxpred.voc import Annotation, VocObject, write_annotation
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "mine.py"
 HELDOUT = REPO / "data" / "photos" / "heldout"
-CHROMIUM = Path("/usr/bin/chromium")
 SIDE = 336  # planted images are SIDE x SIDE
 OBJECT = 240  # the planted object is OBJECT x OBJECT: it holds a 192-pixel constellation
 
@@ -214,8 +213,7 @@ def test_a_rerun_reuses_the_features(mined, planted, random_weights, capsys):
     assert after["clusters"] == before["clusters"] and "purity_coverage" not in after
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium to render with")
-def test_page_renders_every_image_in_headless_chromium(mined, tmp_path):
+def test_page_renders_every_image_in_headless_chromium(mined, tmp_path, chromium):
     page = mined / "index.html"
     text = page.read_text(encoding="utf-8")
     expected = text.count("<img ")
@@ -230,7 +228,7 @@ def test_page_renders_every_image_in_headless_chromium(mined, tmp_path):
         ' return i.complete && i.naturalWidth > 0; }).length + " of " + images.length; };'
         "</script>", encoding="utf-8")
     result = subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+        [str(chromium), "--headless", "--no-sandbox", "--disable-gpu",
          "--allow-file-access-from-files", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",
          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",

@@ -18,7 +18,6 @@ TOOL = REPO / "tools" / "nearest_neighbors.py"
 DEPLOY = str(REPO / "prototxt" / "color_dropping" / "deploy.prototxt")
 NASTY = "<b>x</b>.jpg"  # a folder '<b>x<' holding 'b>.jpg'
 ODD = "a&b \"q\" #1 ?%20.jpg"
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 class PageLinks(HTMLParser):
@@ -166,11 +165,10 @@ def test_tool_with_the_approximate_index_and_one_image(figure, weight_files, tmp
     assert "at least 2 images" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium to render with")
-def test_page_renders_in_headless_chromium(figure, tmp_path):
+def test_page_renders_in_headless_chromium(figure, tmp_path, chromium):
     page, _ = figure
     shot = tmp_path / "shot.png"
-    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+    subprocess.run([str(chromium), "--headless", "--no-sandbox", "--disable-gpu",
                     "--disable-background-networking", "--disable-component-update",
                     "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
                     f"--screenshot={shot}", "--window-size=1000,700", page.as_uri()],
