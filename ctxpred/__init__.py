@@ -12,10 +12,17 @@ Modules, one idea each:
 - ``nets``: the context-prediction nets as NetSpec code (prototxt/ is generated).
 - ``detection_nets``: the groupless CaffeNet and VGG16 for detection.
 - ``training``: the training loop (resume, clean stops, divergence watch, logs).
+- ``trainlog``: train.log buffered and de-duplicated on resume, and the
+  running summary training.png is drawn from.
+- ``snapshots``: atomic snapshot pairs, their verification on resume, the
+  run-folder lock.
+- ``exits``: the tools' exit codes and the one-line error wrapper.
 - ``evaluation``: relative-position accuracy on held-out images.
 - ``weights``: caffemodel files as named numpy arrays.
 - ``surgery``: weight surgery (fc7 layouts, BatchNorm folding, groupless, no-fc6).
 - ``magic_init``: data-dependent initialisation (Kraehenbuehl et al.).
+- ``magic_init_reference``: the reference's procedure, as the yardstick of tests
+  and benchmarks.
 - ``features``: fc6 features of patches, and dense features.
 - ``onnx_export``: deploy nets to ONNX.
 - ``search``, ``pages``: nearest-neighbour search and static HTML pages.
@@ -35,6 +42,8 @@ Modules, one idea each:
 - ``detection``: Fast R-CNN's roidb, RoI sampling, box regression, detection.
 - ``roi_data``: the RoIData Caffe Python layer (Fast R-CNN minibatches).
 - ``detector``: training and testing a Fast R-CNN run in stock Caffe.
+- ``classification``, ``classification_nets``, ``classifier``: VOC07
+  classification fine-tuning (data layer, nets, the run and its mAP).
 """
 
 __version__ = "0.1.0"
