@@ -71,15 +71,9 @@ def read_net_param(path):
     and the first layer whose type this Caffe build lacks or that reads a blob
     no earlier layer writes (building it would abort the process).
     """
-    caffe_pb2 = import_caffe().proto.caffe_pb2
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"net definition {path} does not exist")
-    net_param = caffe_pb2.NetParameter()
-    try:
-        text_format.Merge(path.read_text(encoding="utf-8"), net_param)
-    except (text_format.ParseError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a Caffe net definition (prototxt): {error}") from None
+    net_param = _read_prototxt(path, import_caffe().proto.caffe_pb2.NetParameter(),
+                               "net definition")
     if net_param.layers:
         raise ValueError(f"{path} uses Caffe's V1 'layers' format; convert it with Caffe's "
                          "upgrade_net_proto_text")
@@ -106,16 +100,19 @@ def read_solver_param(path):
     Raises FileNotFoundError naming a missing file and ValueError naming one
     that is not a solver definition (Caffe would abort the process on it).
     """
-    caffe_pb2 = import_caffe().proto.caffe_pb2
-    path = Path(path)
+    return _read_prototxt(Path(path), import_caffe().proto.caffe_pb2.SolverParameter(),
+                          "solver definition")
+
+
+def _read_prototxt(path, message, what):
+    """Parse the text-format protobuf file ``path`` into ``message``, naming the file on error."""
     if not path.is_file():
-        raise FileNotFoundError(f"solver file {path} does not exist")
-    solver_param = caffe_pb2.SolverParameter()
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        text_format.Merge(path.read_text(encoding="utf-8"), solver_param)
+        text_format.Merge(path.read_text(encoding="utf-8"), message)
     except (text_format.ParseError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a Caffe solver definition (prototxt): {error}") from None
-    return solver_param
+        raise ValueError(f"{path} is not a Caffe {what} (prototxt): {error}") from None
+    return message
 
 
 def _input_header_to_layers(net_param):
