@@ -1,4 +1,4 @@
-"""GPU check of a CUDA build of Caffe: agreement with the CPU, speed, the real loop, resume, learning.
+"""GPU check of a CUDA build of Caffe: CPU agreement, speed, the real loop, resume, learning.
 
 Run on a machine with a GPU through benchmarks/gpu_check.sh, which unpacks
 the runtime that benchmarks/gpu_bundle.sh packed (Caffe, its libraries, a
@@ -76,11 +76,11 @@ def with_input_layer(proto, shapes, dropout_ratio=None):
     return out
 
 
-def context_batch(caffe, net_name, images, max_patches, seed=0):
+def context_batch(caffe, work, net_name, images, max_patches, seed=0):
     """One real PatchPairData batch of a context net: {top: array}."""
     params = data_layer_params(net_name, images, seed=seed, workers=1, max_patches=max_patches)
     proto = train_net(net_name, params)
-    path = WORK / f"{net_name}_data.prototxt"
+    path = work / f"{net_name}_data.prototxt"
     path.write_text(str(proto))
     caffe.set_mode_cpu()
     net = caffe.Net(str(path), caffe.TRAIN)
@@ -135,14 +135,14 @@ def run_net(caffe, path, weights, batch, gpu):
     return result
 
 
-def agreement(caffe, name, proto, batch, gpu):
+def agreement(caffe, work, name, proto, batch, gpu):
     """Relative errors ||gpu - cpu|| / ||cpu|| of outputs and parameter gradients."""
     checked = with_input_layer(proto, {k: v.shape for k, v in batch.items()}, dropout_ratio=0.0)
-    path = WORK / f"{name}_agreement.prototxt"
+    path = work / f"{name}_agreement.prototxt"
     path.write_text(str(checked))
     caffe.set_mode_cpu()
     caffe.set_random_seed(0)
-    weights = WORK / f"{name}_agreement.caffemodel"
+    weights = work / f"{name}_agreement.caffemodel"
     caffe.Net(str(path), caffe.TRAIN).save(str(weights))
     cpu = run_net(caffe, path, weights, batch, None)
     other = run_net(caffe, path, weights, batch, gpu)
@@ -169,9 +169,9 @@ def agreement(caffe, name, proto, batch, gpu):
                 gpu_outputs={k: float(np.ravel(other[k])[0]) for k in outputs})
 
 
-def caffe_time(caffe_binary, proto, batch, name, gpu, iterations):
+def caffe_time(caffe_binary, work, proto, batch, name, gpu, iterations):
     """`caffe time` of a net with an Input layer of the batch's shapes: ms per iteration."""
-    path = WORK / f"{name}_time.prototxt"
+    path = work / f"{name}_time.prototxt"
     path.write_text(str(with_input_layer(proto, {k: v.shape for k, v in batch.items()})))
     command = [caffe_binary, "time", "-model", str(path), "-iterations", str(iterations)]
     if gpu is not None:
@@ -206,7 +206,7 @@ def train_tool(args, run_dir, extra, timeout):
 
 
 def train_loop(args, net_name, time_ms):
-    run_dir = WORK / f"loop_{net_name}"
+    run_dir = args.work / f"loop_{net_name}"
     command, done, wall = train_tool(
         args, run_dir, ["--net", net_name, "--iters", str(args.loop_steps),
                         "--max-patches", str(args.max_patches), "--fresh"], timeout=240)
@@ -229,7 +229,7 @@ def train_loop(args, net_name, time_ms):
 
 def resume(args):
     """Stop a run with a quit file, resume it, and read where it went on."""
-    run_dir = WORK / "resume"
+    run_dir = args.work / "resume"
     base = ["--net", "color_dropping", "--max-patches", str(args.max_patches)]
     command = [sys.executable, str(REPO / "tools" / "train.py"), "--out", str(run_dir),
                "--images", args.images, "--iters", "100000", "--fresh"] + base
@@ -255,12 +255,13 @@ def resume(args):
     events = (run_dir / "events.log").read_text()
     return dict(stopped_at=stopped_at, resumed_to=int(iters.max()), target=target,
                 log_rows=int(len(iters)), log_iterations_unique=bool(len(set(iters)) == len(iters)),
-                resumed_message=[line for line in events.splitlines() if "resuming from" in line][-1:],
+                resumed_message=[line for line in events.splitlines()
+                                 if "resuming from" in line][-1:],
                 command=" ".join(command))
 
 
 def learning(args, minutes):
-    out = WORK / "demo"
+    out = args.work / "demo"
     command = [sys.executable, str(REPO / "tools" / "demo.py"), "--out", str(out),
                "--images", args.images, "--heldout", args.heldout,
                "--minutes", f"{minutes:.2f}",
@@ -300,7 +301,8 @@ def compact(report):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for gpu_check.json and the demo report")
+    parser.add_argument("--out", required=True,
+                        help="folder for gpu_check.json and the demo report")
     parser.add_argument("--work", default="/tmp/gpu_check_work", help="scratch folder for runs")
     parser.add_argument("--images", default=str(REPO / "data/photos/train"), help="training photos")
     parser.add_argument("--heldout", default=str(REPO / "data/photos/heldout"),
@@ -312,7 +314,7 @@ def main(argv=None):
     parser.add_argument("--loop-steps", type=int, default=200, help="steps per net in train_loop")
     parser.add_argument("--time-iterations", type=int, default=50, help="caffe time iterations")
     parser.add_argument("--resume-seconds", type=float, default=25,
-                        help="how long the first run of the resume stage trains before the quit file")
+                        help="seconds the resume stage trains before its quit file")
     parser.add_argument("--deadline-s", type=float, default=520,
                         help="the whole check ends by then; the learning stage gets what is left")
     parser.add_argument("--stages", default="agreement,caffe_time,train_loop,resume,learning",
@@ -321,9 +323,8 @@ def main(argv=None):
                         help="CPU mode with tiny sizes, for a machine without a GPU")
     args = parser.parse_args(argv)
     started = time.time()
-    global WORK
-    WORK = Path(args.work)
-    WORK.mkdir(parents=True, exist_ok=True)
+    args.work = Path(args.work)
+    args.work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.rehearse:
@@ -356,11 +357,11 @@ def main(argv=None):
         def agreement_stage():
             result = {}
             for name in NET_NAMES:
-                proto, batch = context_batch(caffe, name, args.images, small)
-                result[name] = agreement(caffe, name, proto, batch, args.gpu)
+                proto, batch = context_batch(caffe, args.work, name, args.images, small)
+                result[name] = agreement(caffe, args.work, name, proto, batch, args.gpu)
             proto, batch = fast_rcnn_batch(rng, rois=32 if args.rehearse else 128)
-            result[f"fast_rcnn_{FAST_RCNN_MODEL}"] = agreement(caffe, "fast_rcnn", proto, batch,
-                                                               args.gpu)
+            result[f"fast_rcnn_{FAST_RCNN_MODEL}"] = agreement(
+                caffe, args.work, "fast_rcnn", proto, batch, args.gpu)
             return result
         record("agreement", agreement_stage)
     times = {}
@@ -368,9 +369,9 @@ def main(argv=None):
         def time_stage():
             result = {}
             for name in NET_NAMES:
-                proto, batch = context_batch(caffe, name, args.images, args.max_patches)
+                proto, batch = context_batch(caffe, args.work, name, args.images, args.max_patches)
                 batches[name] = batch
-                result[name] = caffe_time(args.caffe, proto, batch, name, args.gpu,
+                result[name] = caffe_time(args.caffe, args.work, proto, batch, name, args.gpu,
                                           2 if args.rehearse else args.time_iterations)
                 times[name] = result[name]["ms_per_iter"]
             return result
@@ -395,8 +396,6 @@ def main(argv=None):
     print(f"[gpu_check] done in {report['total_seconds']} s; failed stages: {failed or 'none'}")
     return 1 if failed or "error" in report else 0
 
-
-WORK = None
 
 if __name__ == "__main__":
     sys.exit(main())
