@@ -23,7 +23,6 @@ data/photos) and prints the sizes. Usage:
     .venv/bin/python benchmarks/gpu_bundle.py --caffe PREFIX
 """
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -114,8 +113,11 @@ def build_stub(soname, real, consumers, destination):
     with tempfile.TemporaryDirectory() as work:
         source, script = Path(work) / "stub.c", Path(work) / "stub.map"
         source.write_text("\n".join(lines) + "\n")
-        nodes = [f"{version or 'STUB'} {{ global: {' '.join(n + ';' for n in names)} {'local: *;' if i == 0 else ''} }};"
-                 for i, (version, names) in enumerate(sorted(versions.items()))]
+        nodes = []
+        for index, (version, names) in enumerate(sorted(versions.items())):
+            exported = " ".join(name + ";" for name in names)
+            local = "local: *;" if index == 0 else ""
+            nodes.append(f"{version or 'STUB'} {{ global: {exported} {local} }};")
         script.write_text("\n".join(nodes) + "\n")
         command = ["gcc", "-shared", "-fPIC", "-o", str(destination / soname), str(source),
                    f"-Wl,-soname,{soname}"]
@@ -191,7 +193,8 @@ def pack(caffe_prefix, out, train_photos, heldout_photos):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--caffe", required=True, help="a CUDA install prefix of tools/build_caffe.sh")
+    parser.add_argument("--caffe", required=True,
+                        help="a CUDA install prefix of tools/build_caffe.sh")
     parser.add_argument("--out", default=str(REPO / ".gpu_bundle"), help="output folder")
     parser.add_argument("--train-photos", type=int, default=120, help="training photos carried")
     parser.add_argument("--heldout-photos", type=int, default=30, help="held-out photos carried")

@@ -112,7 +112,8 @@ def gpu_status(device=0):
         code = runtime.cudaGetDeviceCount(ctypes.byref(count))
         if code != 0:
             runtime.cudaGetErrorString.restype = ctypes.c_char_p
-            count_error = f"{runtime.cudaGetErrorString(code).decode(errors='replace')} (error {code})"
+            words = runtime.cudaGetErrorString(code).decode(errors="replace")
+            count_error = f"{words} (error {code})"
     return describe_cuda(runtime_number.value, driver_number.value, count.value, count_error,
                          device)
 

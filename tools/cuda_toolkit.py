@@ -92,7 +92,8 @@ def unpack(wheel, destination):
                 path = archive.extract(member, destination)
                 mode = member.external_attr >> 16
                 if mode & 0o111:
-                    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+                    executable = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
+                    os.chmod(path, os.stat(path).st_mode | executable)
     except (zipfile.BadZipFile, OSError) as error:
         raise ToolkitError(f"cannot unpack {wheel}: {error}") from error
 
@@ -107,7 +108,8 @@ def complete_toolkit_root(root):
     if not (root / "lib64").exists():
         (root / "lib64").symlink_to("lib")
     for name in UNVERSIONED:
-        versioned = sorted(lib.glob(name + ".*")) or sorted((root / "nvvm" / "lib64").glob(name + ".*"))
+        versioned = (sorted(lib.glob(name + ".*"))
+                     or sorted((root / "nvvm" / "lib64").glob(name + ".*")))
         link = lib / name
         if versioned and not link.exists():
             link.symlink_to(os.path.relpath(versioned[0], lib))
