@@ -29,7 +29,7 @@ setup(
         "matplotlib>=3.7",
         "onnx>=1.17",            # tools/export_onnx.py; the first releases built for numpy 2
         "onnxruntime>=1.19",
-        "hnswlib>=0.8",          # approximate nearest neighbours (ctxpred.search)
+        "hnswlib>=0.8",          # approximate nearest neighbours (ctxpred.features.search)
     ],
     extras_require={"test": ["pytest>=7"]},
     classifiers=[

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxpred.batching import SAMPLING_MODES, BatchAssembler, PatchPairConfig
-from ctxpred.images import open_source
-from ctxpred.prefetch import BatchPrefetcher
-from ctxpred.preprocess import NOISE_DISTRIBUTIONS
+from ctxpred.data.batching import SAMPLING_MODES, BatchAssembler, PatchPairConfig
+from ctxpred.data.images import open_source
+from ctxpred.data.prefetch import BatchPrefetcher
+from ctxpred.data.preprocess import NOISE_DISTRIBUTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO / "data" / "photos" / "train"
@@ -152,9 +152,9 @@ def measure_prefetcher(source, config, seed, workers, depth, warmup, batches):
 
 def measure_solver(images, seed, workers, warmup_steps, steps, config_overrides):
     """Time solver.step(1) on the colour-dropping train net fed by PatchPairData."""
-    from ctxpred.caffe_env import load_caffe
-    from ctxpred.layers import close_data_layers
-    from ctxpred.nets import data_layer_params, solver_text, train_net
+    from ctxpred.caffe.env import load_caffe
+    from ctxpred.data.layer import close_data_layers
+    from ctxpred.models.context import data_layer_params, solver_text, train_net
 
     caffe = load_caffe(gpu=None)
     params = data_layer_params(NET_NAME, str(images), seed=seed, workers=workers,
@@ -248,7 +248,7 @@ def _timed(function, stage, timings):
     return wrapper
 
 
-# What fill calls, by the name ctxpred.batching looks it up under -> stage name.
+# What fill calls, by the name ctxpred.data.batching looks it up under -> stage name.
 _STAGES = {
     "decode_rgb": "decode (PIL, DCT-reduced JPEG)",
     "random_resize": "random resize (cv2)",
@@ -269,8 +269,8 @@ def profile_fill(source, config, seed, batches):
     this process only; "rest of fill" is what fill spends outside them
     (concatenating the patches of a batch, pair bookkeeping).
     """
-    import ctxpred.batching as batching
-    import ctxpred.preprocess as preprocess
+    import ctxpred.data.batching as batching
+    import ctxpred.data.preprocess as preprocess
 
     timings = dict.fromkeys(["read bytes", *_STAGES.values(), "grid sampling"], 0.0)
     resample = {_RESAMPLE: 0.0}

@@ -39,11 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxpred.caffe_env import load_caffe
-from ctxpred.features import (DenseFeatureNet, FeatureExtractor, HDF5FeatureWriter,
+from ctxpred.caffe.env import load_caffe
+from ctxpred.features.extraction import (DenseFeatureNet, FeatureExtractor, HDF5FeatureWriter,
                               dense_features, sampled_patches, stream_features)
-from ctxpred.images import decode_rgb, open_source
-from ctxpred.evaluation import SubsetSource
+from ctxpred.data.images import decode_rgb, open_source
+from ctxpred.evaluation.pretext import SubsetSource
 
 REPO = Path(__file__).resolve().parents[1]
 PATCHES_PER_IMAGE = 16

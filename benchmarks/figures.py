@@ -84,10 +84,10 @@ def bare_forward_child(weights, batch, patches, log_path, result_path):
         os.dup2(log.fileno(), 2)
     import numpy as np
 
-    from ctxpred.caffe_env import load_caffe
+    from ctxpred.caffe.env import load_caffe
 
     load_caffe(gpu=None)
-    from ctxpred.features import FeatureExtractor
+    from ctxpred.features.extraction import FeatureExtractor
 
     features_benchmark = load_module(REPO / "benchmarks" / "features.py", "features_benchmark")
     extractor = FeatureExtractor(str(DEPLOY), weights, "fc6", batch)
@@ -183,8 +183,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    from ctxpred.caffe_env import load_caffe
-    from ctxpred.images import open_source
+    from ctxpred.caffe.env import load_caffe
+    from ctxpred.data.images import open_source
 
     images = len(open_source(args.images))
     per_image = -(-max(args.patches) // images)

@@ -42,9 +42,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ctxpred.caffe_env import gpu_status, load_caffe  # noqa: E402
-from ctxpred.layers import close_data_layers  # noqa: E402
-from ctxpred.nets import NET_NAMES, data_layer_params, train_net  # noqa: E402
+from ctxpred.caffe.env import gpu_status, load_caffe  # noqa: E402
+from ctxpred.data.layer import close_data_layers  # noqa: E402
+from ctxpred.models.context import NET_NAMES, data_layer_params, train_net  # noqa: E402
 
 FAST_RCNN_MODEL = "CaffeNetGroupless"
 # ||gpu - cpu|| / ||cpu|| allowed for net outputs and for parameter gradients
@@ -94,7 +94,7 @@ def context_batch(caffe, work, net_name, images, max_patches, seed=0):
 
 def fast_rcnn_batch(rng, rois=128, classes=21, height=300, width=400):
     """A synthetic Fast R-CNN minibatch for the ctxpred-layer CaffeNet net: {top: array}."""
-    from ctxpred.fast_rcnn import train_net as fast_rcnn_train_net
+    from ctxpred.models.fast_rcnn import train_net as fast_rcnn_train_net
     proto = fast_rcnn_train_net(FAST_RCNN_MODEL, layers="ctxpred", num_classes=classes,
                                 data_params={"dataset": "replaced by an Input layer"})
     x1 = rng.uniform(0, width - 80, rois)

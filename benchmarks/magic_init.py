@@ -4,7 +4,7 @@ Runs, interleaved (A B, B A, A B, ...), each in its own child process:
 
   A: python tools/magic_init.py -q -cs -d IMAGES -nit 10 -bs 16 --seed S \\
          prototxt/groupless_caffenet.prototxt A_S.caffemodel
-  B: the reference's procedure on the same command (ctxpred.magic_init_reference:
+  B: the reference's procedure on the same command (ctxpred.weights.magic_init_reference:
      one TRAIN-phase net with an ImageData layer, Dropout active, -t elwise, -cs)
 
 with seed S = 0, 1, ... per repeat, every layer initialised from data (227x227
@@ -86,9 +86,9 @@ def main(argv=None):
     images = sorted(glob.glob(args.images))
     if not images:
         sys.exit(f"error: no image matches {args.images}")
-    from ctxpred.caffe_env import load_caffe
+    from ctxpred.caffe.env import load_caffe
     if args.reference_child:
-        from ctxpred.magic_init_reference import run
+        from ctxpred.weights.magic_init_reference import run
         seed, out = args.reference_child
         run(load_caffe(gpu=None, quiet=True), args.prototxt, images, out, args.bs, args.nit,
             int(seed))
@@ -129,7 +129,7 @@ def main(argv=None):
         print(f"ratio ctxpred / reference: wall time {ratio_time:.2f}, peak memory "
               f"{ratio_peak:.2f}")
 
-        from ctxpred.magic_init import image_batches
+        from ctxpred.weights.magic_init import image_batches
         caffe = load_caffe(gpu=None, quiet=True)
         batch, = image_batches(args.images, args.bs, 1, (227, 227),
                                rng=np.random.default_rng(0), log=lambda _: None)

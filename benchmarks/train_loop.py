@@ -1,6 +1,6 @@
 """Per-step cost of the training loop, and of a plot refresh, measured in one run.
 
-1. Loop overhead: tools/train.py's loop body (``ctxpred.training.TrainingLoop.step``:
+1. Loop overhead: tools/train.py's loop body (``ctxpred.training.loop.TrainingLoop.step``:
    the solver step, the train.log row from the blobs, the divergence watch,
    the buffered train.log, tools/train.py's progress printer, the stop-file
    and time-budget checks, training.png redrawn every --plot-seconds) against
@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxpred.caffe_env import load_caffe
-from ctxpred.layers import close_data_layers
-from ctxpred.nets import add_rms_normalisation, data_layer_params
-from ctxpred.trainlog import LogSummary, TrainLog, plot_summary, read_log
-from ctxpred.training import StopRequests, TrainingLoop, progress_printer
+from ctxpred.caffe.env import load_caffe
+from ctxpred.data.layer import close_data_layers
+from ctxpred.models.context import add_rms_normalisation, data_layer_params
+from ctxpred.training.log import LogSummary, TrainLog, plot_summary, read_log
+from ctxpred.training.loop import StopRequests, TrainingLoop, progress_printer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def small_net(caffe, source, max_patches, workers, channels):
                                max_patches=max_patches)
     params["prefetch"] = 8
     n.data, n.select1, n.select2, n.label = L.Python(
-        ntop=4, python_param=dict(module="ctxpred.layers", layer="PatchPairData",
+        ntop=4, python_param=dict(module="ctxpred.data.layer", layer="PatchPairData",
                                   param_str=json.dumps(params)))
     top = add_rms_normalisation(caffe, n, n.data)
     n.conv1 = L.Convolution(top, num_output=channels, kernel_size=11, stride=4, **filler)

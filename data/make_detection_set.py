@@ -2,7 +2,7 @@
 """Build ctxpred's small VOC-format detection set from real photographs.
 
 No registry package ships labelled detection photos, so this script composes
-them (ctxpred.synthetic_scenes): photographed object cut-outs of Debian's
+them (ctxpred.detection.synthetic_scenes): photographed object cut-outs of Debian's
 ``tuxpaint-stamps-default`` (RGBA PNG files, labelled by folder) are pasted
 onto the real photos of the default collection (data/photos, made by
 data/make_collection.py) at random places, and the pasted boxes are written
@@ -11,7 +11,7 @@ CLASS_FOLDERS; clip-art (folders named cartoon/ or toys/) is left out.
 
 Splits never share a cut-out or a background: every third cut-out of each
 class (in file-name order) and the held-out photos make ``test``, the rest
-``trainval``. Then selective search ("fast" mode, ctxpred.proposals) computes
+``trainval``. Then selective search ("fast" mode, ctxpred.detection.proposals) computes
 the proposals of every image into proposals.npz.
 
 Output (OUT, default data/detection/), the layout of the VOC devkit:
@@ -42,9 +42,9 @@ from make_collection import (CollectionError, default_cache_dir, fetch_package, 
                              make_collection, read_manifest, remove_stale_builds,
                              replace_folder)
 
-from ctxpred.proposals import compute_proposals, save_proposals  # noqa: E402
-from ctxpred.synthetic_scenes import compose_scene, fit_longer_side, trim_cutout  # noqa: E402
-from ctxpred.voc import Annotation, VocObject, write_annotation  # noqa: E402
+from ctxpred.detection.proposals import compute_proposals, save_proposals  # noqa: E402
+from ctxpred.detection.synthetic_scenes import compose_scene, fit_longer_side, trim_cutout  # noqa: E402
+from ctxpred.detection.voc import Annotation, VocObject, write_annotation  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = DATA_DIR / "detection"

@@ -6,7 +6,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
+from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
 
 
 @pytest.fixture(scope="session")
@@ -55,13 +55,13 @@ def tiny_detection_set(tmp_path_factory):
     """A VOC-format set of 8 trainval and 4 test images (240 px), classes cat and rocket.
 
     Cut-outs (an ellipse around chelsea's face, the rocket) are pasted onto
-    real photos with ctxpred.synthetic_scenes; the proposals are the
+    real photos with ctxpred.detection.synthetic_scenes; the proposals are the
     ground-truth boxes jittered by up to 20% plus random boxes (selective
     search itself is tested separately: it takes ~1 s per image).
     """
-    from ctxpred.proposals import save_proposals
-    from ctxpred.synthetic_scenes import compose_scene, fit_longer_side
-    from ctxpred.voc import Annotation, VocObject, write_annotation
+    from ctxpred.detection.proposals import save_proposals
+    from ctxpred.detection.synthetic_scenes import compose_scene, fit_longer_side
+    from ctxpred.detection.voc import Annotation, VocObject, write_annotation
 
     root = tmp_path_factory.mktemp("detection")
     for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):

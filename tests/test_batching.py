@@ -1,4 +1,4 @@
-"""Tests for ctxpred.batching: configuration and BatchAssembler."""
+"""Tests for ctxpred.data.batching: configuration and BatchAssembler."""
 
 import io
 import os
@@ -9,9 +9,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from ctxpred.batching import BatchAssembler, PatchPairConfig, SkippedImageWarning
-from ctxpred.images import open_source
-from ctxpred.sampling import OFFSETS, PatchGeometry
+from ctxpred.data.batching import BatchAssembler, PatchPairConfig, SkippedImageWarning
+from ctxpred.data.images import open_source
+from ctxpred.data.sampling import OFFSETS, PatchGeometry
 
 PATCH = 96
 

@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from ctxpred.caffe_env import (CaffeNotAvailable, caffe_has_cuda, describe_cuda, gpu_status,
+from ctxpred.caffe.env import (CaffeNotAvailable, caffe_has_cuda, describe_cuda, gpu_status,
                                load_caffe)
-from ctxpred.weights import read_weights
+from ctxpred.weights.files import read_weights
 
 
 def write_net(tmp_path, net_spec, name="net.prototxt"):

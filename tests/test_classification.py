@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxpred.classification import (IGNORE_LABEL, MEAN_BGR, BatchStream, ClassificationError,
+from ctxpred.classification.data import (IGNORE_LABEL, MEAN_BGR, BatchStream, ClassificationError,
                                     augment, average_precision, image_labels,
                                     mean_average_precision, read_split)
-from ctxpred.classification_nets import deploy_net, train_net
-from ctxpred.voc import Annotation, VocObject
+from ctxpred.models.classification import deploy_net, train_net
+from ctxpred.detection.voc import Annotation, VocObject
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "finetune_classification.py"
@@ -160,7 +160,7 @@ def test_help_and_bad_input(tmp_path):
 
 
 def test_quit_file_stops_after_the_step_with_a_snapshot(caffe, tiny_detection_set, tmp_path):
-    from ctxpred.classifier import ClassificationRun, train_classifier
+    from ctxpred.classification.run import ClassificationRun, train_classifier
     run = ClassificationRun(dataset=str(tiny_detection_set), mode="fc8", iterations=50,
                             batch_size=2, snapshot=0)
     (tmp_path / "quit").write_text("")  # left by an earlier session: removed at the start
@@ -177,7 +177,7 @@ def test_quit_file_stops_after_the_step_with_a_snapshot(caffe, tiny_detection_se
 
 
 def test_map_difference_and_compare_tool(tmp_path, rng):
-    from ctxpred.classification import map_difference
+    from ctxpred.classification.data import map_difference
     labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [1, IGNORE_LABEL], [0, 1]] * 3)
     perfect = labels.astype(np.float64) % IGNORE_LABEL + rng.uniform(0, 0.1, labels.shape)
     noise = rng.uniform(0, 1, labels.shape)

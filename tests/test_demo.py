@@ -4,8 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ctxpred.caffe_env import gpu_status
-from ctxpred.training import choose_device
+from ctxpred.caffe.env import gpu_status
+from ctxpred.training.loop import choose_device
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import skimage.data
 
-from ctxpred.detection import (DatasetError, DetectionConfig, apply_box_deltas, box_targets,
+from ctxpred.detection.roidb import (DatasetError, DetectionConfig, apply_box_deltas, box_targets,
                                build_roidb, class_detections, read_classes, sample_rois,
                                unnormalised_bbox_weights, usable_entries)
-from ctxpred.proposals import ProposalError, load_proposals, save_proposals, selective_search
-from ctxpred.synthetic_scenes import CutoutError, compose_scene, paste, trim_cutout
-from ctxpred.voc import AnnotationError, box_iou
+from ctxpred.detection.proposals import ProposalError, load_proposals, save_proposals, selective_search
+from ctxpred.detection.synthetic_scenes import CutoutError, compose_scene, paste, trim_cutout
+from ctxpred.detection.voc import AnnotationError, box_iou
 
 
 def test_paste_blends_by_alpha_and_returns_the_opaque_box():
@@ -163,7 +163,7 @@ def test_bad_datasets_name_the_file(tiny_detection_set, tmp_path):
 def _data_net(caffe, tmp_path, params):
     n = caffe.NetSpec()
     tops = caffe.layers.Python(ntop=5, python_param=dict(
-        module="ctxpred.roi_data", layer="RoIData", param_str=json.dumps(params)))
+        module="ctxpred.detection.roi_data", layer="RoIData", param_str=json.dumps(params)))
     for name, top in zip(("data", "rois", "labels", "bbox_targets", "bbox_loss_weights"), tops):
         setattr(n, name, top)
     path = tmp_path / "data.prototxt"
@@ -199,7 +199,7 @@ def test_roi_data_layer_in_caffe(caffe, tiny_detection_set, tmp_path):
 def test_roi_data_rejects_unknown_settings(caffe, tiny_detection_set, tmp_path):
     with pytest.raises(Exception):
         _data_net(caffe, tmp_path, dict(dataset=str(tiny_detection_set), batchsize=4))
-    from ctxpred.roi_data import parse_param_str
+    from ctxpred.detection.roi_data import parse_param_str
     with pytest.raises(ValueError, match="unknown detection setting.*batchsize"):
         parse_param_str(json.dumps(dict(dataset="x", batchsize=4)))
     with pytest.raises(ValueError, match="needs a \"dataset\""):
@@ -211,7 +211,7 @@ def test_images_without_rois_are_dropped_with_a_count(caffe, tiny_detection_set,
     import shutil
     from PIL import Image
 
-    from ctxpred.voc import Annotation, write_annotation
+    from ctxpred.detection.voc import Annotation, write_annotation
     root = tmp_path / "set"
     shutil.copytree(tiny_detection_set, root)
     Image.fromarray(np.full((120, 160, 3), 90, np.uint8)).save(root / "JPEGImages" / "empty.jpg")

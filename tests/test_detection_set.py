@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxpred.proposals import load_proposals
-from ctxpred.voc import box_iou, read_dataset
+from ctxpred.detection.proposals import load_proposals
+from ctxpred.detection.voc import box_iou, read_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "data" / "make_detection_set.py"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from ctxpred.detector import DetectorRun, evaluate_detector, read_train_log, train_detector
-from ctxpred.roi_data import RoIData
+from ctxpred.detection.run import DetectorRun, evaluate_detector, read_train_log, train_detector
+from ctxpred.detection.roi_data import RoIData
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,9 +128,9 @@ def test_help_explains_every_flag():
 
 
 def test_map_difference_and_the_compare_tool(tiny_detection_set, tmp_path):
-    from ctxpred.detection import read_classes
-    from ctxpred.detector import map_difference, read_detections
-    from ctxpred.voc import read_dataset
+    from ctxpred.detection.roidb import read_classes
+    from ctxpred.detection.run import map_difference, read_detections
+    from ctxpred.detection.voc import read_dataset
     classes = read_classes(tiny_detection_set)
     annotations = dict(read_dataset(tiny_detection_set, "test", classes))
     perfect = {name: [(image_id, 1.0, obj.box) for image_id, annotation in annotations.items()

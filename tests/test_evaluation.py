@@ -15,8 +15,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from ctxpred.batching import SkippedImageWarning
-from ctxpred.evaluation import (
+from ctxpred.data.batching import SkippedImageWarning
+from ctxpred.evaluation.pretext import (
     INPUT_TOPS,
     POSITION_NAMES,
     accuracy_with_interval,
@@ -29,9 +29,9 @@ from ctxpred.evaluation import (
     sample_eval_pairs,
     scoring_net,
 )
-from ctxpred.layers import close_data_layers
-from ctxpred.weights import read_weights
-from ctxpred.nets import NetOptions, data_layer_params, train_net
+from ctxpred.data.layer import close_data_layers
+from ctxpred.weights.files import read_weights
+from ctxpred.models.context import NetOptions, data_layer_params, train_net
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "eval_pretext.py"
@@ -119,7 +119,7 @@ def test_scoring_net_is_train_net_with_input_layer(caffe):
         assert list(proto.layer[1:]) == list(train.layer[1:])
 
 
-@pytest.mark.filterwarnings("ignore::ctxpred.batching.SkippedImageWarning")
+@pytest.mark.filterwarnings("ignore::ctxpred.data.batching.SkippedImageWarning")
 def test_eval_pairs_are_deterministic_and_skip_unusable_images(eval_photos, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()

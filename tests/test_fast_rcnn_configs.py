@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from ctxpred import fast_rcnn
-from ctxpred.caffe_env import import_caffe
+from ctxpred.models import fast_rcnn
+from ctxpred.caffe.env import import_caffe
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_RCNN = REPO / "prototxt" / "fast_rcnn"
@@ -151,13 +151,13 @@ def test_ctxpred_variant_uses_our_python_layers():
                 caffe_pb2().NetParameter)
     layers = layers_by_name(net)
     data = net.layer[0].python_param
-    assert (data.module, data.layer) == ("ctxpred.roi_data", "RoIData")
+    assert (data.module, data.layer) == ("ctxpred.detection.roi_data", "RoIData")
     assert json.loads(data.param_str) == {"dataset": "data/detection", "split": "trainval",
                                           "proposals": "data/detection/proposals.npz"}
     assert len(net.layer[0].top) == 5
     roi = layers["roi_pool5"]
     assert roi.type == "Python" and (roi.python_param.module, roi.python_param.layer) == (
-        "ctxpred.roi_layers", "ROIPooling")
+        "ctxpred.detection.roi_layers", "ROIPooling")
     assert json.loads(roi.python_param.param_str) == {"pooled_h": 6, "pooled_w": 6,
                                                       "spatial_scale": 0.0625}
     loss = layers["loss_bbox"]

@@ -16,10 +16,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from ctxpred.exits import BAD_INPUT, DIVERGED, DONE, FAILED, exit_code
-from ctxpred.surgery import check_batchnorms_fold, read_net_param
-from ctxpred.training import DivergenceError
-from ctxpred.weights import read_weights
+from ctxpred.cli import BAD_INPUT, DIVERGED, DONE, FAILED, exit_code
+from ctxpred.weights.surgery import check_batchnorms_fold, read_net_param
+from ctxpred.training.loop import DivergenceError
+from ctxpred.weights.files import read_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -251,7 +251,7 @@ def test_one_exit_code_convention(faults, tmp_path):
     readme = (REPO / "README.md").read_text()
     for code in ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 130 |"):
         assert code in readme
-    # Every tool maps what it raises through ctxpred.exits.
+    # Every tool maps what it raises through ctxpred.cli.
     for tool in sorted(TOOLS.glob("*.py")):
         if tool.name in ("cuda_toolkit.py", "make_prototxt.py",
                          "finetune_classification.py", "compare_classifiers.py"):

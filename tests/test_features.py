@@ -11,14 +11,14 @@ import pytest
 import skimage.data
 import skimage.io
 
-from ctxpred.features import (DenseFeatureNet, FeatureExtractor, WeightMismatchError,
+from ctxpred.features.extraction import (DenseFeatureNet, FeatureExtractor, WeightMismatchError,
                               dense_features, listed_patches, net_stride, read_deploy_param,
                               read_patch_list, sampled_patches, stream_features,
                               open_feature_writer)
-from ctxpred.images import open_source
-from ctxpred.nets import MEAN_RGB, NET_NAMES
-from ctxpred.preprocess import apply_augmentations, crop_patches, draw_augmentations
-from ctxpred.weights import read_weights, write_weights
+from ctxpred.data.images import open_source
+from ctxpred.models.context import MEAN_RGB, NET_NAMES
+from ctxpred.data.preprocess import apply_augmentations, crop_patches, draw_augmentations
+from ctxpred.weights.files import read_weights, write_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "extract_features.py"
@@ -293,7 +293,7 @@ def test_dense_net_is_not_patchwise_even_without_normalisation(caffe, weights, e
 
 def test_snapshot_batchnorm_is_folded_into_the_deploy_net(caffe, tmp_path, rng):
     """fc6 of a BatchNorm snapshot equals the TEST phase of the net with its BatchNorm layers."""
-    from ctxpred.nets import NetOptions, deploy_net, snapshot_param
+    from ctxpred.models.context import NetOptions, deploy_net, snapshot_param
     with_bn = tmp_path / "deploy_bn.prototxt"
     with_bn.write_text(str(deploy_net("color_dropping", NetOptions(batchnorm=True))))
     caffe.set_random_seed(3)

@@ -1,6 +1,6 @@
 """Faulty and awkward images: EXIF orientation, huge JPEGs, images smaller than a patch.
 
-Every decode in ctxpred goes through ctxpred.images.decode_rgb (or
+Every decode in ctxpred goes through ctxpred.data.images.decode_rgb (or
 decode_rgb_within, its bounded form): the data layer, the feature tools,
 pretext evaluation, magic init, classification and the ONNX check. The
 tests write real files with Pillow and run the real code paths.
@@ -17,9 +17,9 @@ import pytest
 import skimage.data
 from PIL import Image, ImageOps
 
-from ctxpred.batching import BatchAssembler, PatchPairConfig
-from ctxpred.features import sampled_patches
-from ctxpred.images import ImageError, decode_rgb, decode_rgb_within, open_source
+from ctxpred.data.batching import BatchAssembler, PatchPairConfig
+from ctxpred.features.extraction import sampled_patches
+from ctxpred.data.images import ImageError, decode_rgb, decode_rgb_within, open_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,9 +116,9 @@ def test_images_smaller_than_a_patch_are_skipped_at_their_full_size(photo_folder
 
 PEAK = textwrap.dedent("""
     import sys
-    from ctxpred.detection import DetectionConfig, read_image
-    from ctxpred.features import sampled_patches
-    from ctxpred.images import open_source
+    from ctxpred.detection.roidb import DetectionConfig, read_image
+    from ctxpred.features.extraction import sampled_patches
+    from ctxpred.data.images import open_source
 
     def status(field):  # kB
         with open("/proc/self/status") as file:
@@ -161,7 +161,7 @@ def test_a_10000_pixel_jpeg_costs_the_feature_tools_and_detection_no_more_than_a
 
 
 def test_detection_sees_a_reduced_image_at_the_same_scale_and_boxes(tmp_path):
-    from ctxpred.detection import DetectionConfig, image_blob, read_image
+    from ctxpred.detection.roidb import DetectionConfig, image_blob, read_image
 
     upright = np.tile(skimage.data.astronaut(), (4, 5, 1))  # 2048 x 2560
     Image.fromarray(upright).save(tmp_path / "big.jpg", quality=95)

@@ -1,4 +1,4 @@
-"""Tests for ctxpred.images: sources, Datum parsing, decoding, random resize."""
+"""Tests for ctxpred.data.images: sources, Datum parsing, decoding, random resize."""
 
 import io
 import multiprocessing
@@ -13,7 +13,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from ctxpred.images import (
+from ctxpred.data.images import (
     ImageError,
     LmdbSource,
     decode_rgb,
@@ -360,7 +360,7 @@ def test_huge_jpeg_is_decoded_at_reduced_scale_within_memory(huge_jpeg):
     # would need 300 MB as RGB.
     script = (
         "import re, sys\n"
-        "from ctxpred.images import decode_rgb\n"
+        "from ctxpred.data.images import decode_rgb\n"
         "image = decode_rgb(open(sys.argv[1], 'rb').read(), sys.argv[1], max_pixels=450_000)\n"
         "peak = re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
         "print(image.shape[0], image.shape[1], peak)\n"

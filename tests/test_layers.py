@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxpred.batching import BatchAssembler, PatchPairConfig
-from ctxpred.images import open_source
-from ctxpred.layers import close_data_layers, parse_param_str
-from ctxpred.prefetch import BatchPrefetcher
-from ctxpred.sampling import OFFSETS
+from ctxpred.data.batching import BatchAssembler, PatchPairConfig
+from ctxpred.data.images import open_source
+from ctxpred.data.layer import close_data_layers, parse_param_str
+from ctxpred.data.prefetch import BatchPrefetcher
+from ctxpred.data.sampling import OFFSETS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def data_layer_net(caffe, tmp_path, params):
     n = caffe.NetSpec()
     n.data, n.select1, n.select2, n.label = caffe.layers.Python(
-        ntop=4, python_param=dict(module="ctxpred.layers", layer="PatchPairData",
+        ntop=4, python_param=dict(module="ctxpred.data.layer", layer="PatchPairData",
                                   param_str=json.dumps(params)))
     path = tmp_path / "data.prototxt"
     path.write_text(str(n.to_proto()))
@@ -133,9 +133,9 @@ def test_exit_or_signal_leaves_no_orphans_or_shared_memory(photo_folder, signum)
     """Killed by a signal, or exiting normally with the loader still open."""
     script = textwrap.dedent(f"""
         import sys, time
-        from ctxpred.batching import PatchPairConfig
-        from ctxpred.images import open_source
-        from ctxpred.prefetch import BatchPrefetcher
+        from ctxpred.data.batching import PatchPairConfig
+        from ctxpred.data.images import open_source
+        from ctxpred.data.prefetch import BatchPrefetcher
         loader = BatchPrefetcher(open_source({str(photo_folder)!r}), PatchPairConfig(), workers=2)
         loader.next()
         print(" ".join(str(p.pid) for p in loader._processes))
@@ -166,7 +166,7 @@ def test_plain_caffe_binary_trains_with_the_layer(caffe, tmp_path, photo_folder)
     params = {"source": str(photo_folder), "workers": 1, "max_patches": 64}
     n = caffe.NetSpec()
     n.data, n.select1, n.select2, n.label = caffe.layers.Python(
-        ntop=4, python_param=dict(module="ctxpred.layers", layer="PatchPairData",
+        ntop=4, python_param=dict(module="ctxpred.data.layer", layer="PatchPairData",
                                   param_str=json.dumps(params)))
     n.pool = caffe.layers.Pooling(n.data, pool=caffe.params.Pooling.AVE, kernel_size=16, stride=16)
     n.feature = caffe.layers.InnerProduct(n.pool, num_output=8, weight_filler=dict(type="xavier"))

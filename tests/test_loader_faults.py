@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxpred.batching import PatchPairConfig, SkippedImageWarning
-from ctxpred.images import IgnoredFilesWarning, open_source
-from ctxpred.prefetch import BatchPrefetcher
+from ctxpred.data.batching import PatchPairConfig, SkippedImageWarning
+from ctxpred.data.images import IgnoredFilesWarning, open_source
+from ctxpred.data.prefetch import BatchPrefetcher
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -40,9 +40,9 @@ def corrupt_folder(folder, photo_folder=None, bad=3):
 
 STALL = textwrap.dedent("""
     import sys, time
-    from ctxpred.batching import PatchPairConfig
-    from ctxpred.images import open_source
-    from ctxpred.prefetch import BatchPrefetcher
+    from ctxpred.data.batching import PatchPairConfig
+    from ctxpred.data.images import open_source
+    from ctxpred.data.prefetch import BatchPrefetcher
     loader = BatchPrefetcher(open_source(sys.argv[1]), PatchPairConfig(max_patches=40),
                              workers=1, stall_seconds=2)
     started = time.monotonic()

@@ -15,13 +15,13 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from ctxpred import magic_init_reference as reference
-from ctxpred.layers import close_data_layers
-from ctxpred.magic_init import (MEAN_BGR, TYPES, MagicInitError, NetUnderInit, analysis_net,
+from ctxpred.weights.files import magic_init_reference as reference
+from ctxpred.data.layer import close_data_layers
+from ctxpred.weights.magic_init import (MEAN_BGR, TYPES, MagicInitError, NetUnderInit, analysis_net,
                                 build_net, image_batches, input_size)
-from ctxpred.nets import data_layer_params, train_net
-from ctxpred.surgery import read_net_param
-from ctxpred.weights import read_weights, write_weights
+from ctxpred.models.context import data_layer_params, train_net
+from ctxpred.weights.surgery import read_net_param
+from ctxpred.weights.files import read_weights, write_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "magic_init.py"
@@ -496,7 +496,7 @@ def magic_init_weights(caffe, photos, seed, dropout):
 
 
 def reference_weights(caffe, photos, seed, list_file):
-    """The reference procedure (ctxpred.magic_init_reference) on the same net and photos."""
+    """The reference procedure (ctxpred.weights.magic_init_reference) on the same net and photos."""
     batch = 4
     net = reference.build_reference_net(
         caffe, reference.reference_net_param(dropout_net(caffe, batch), list_file, batch))

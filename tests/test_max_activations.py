@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctxpred.activations import (ReceptiveField, StreamingTopK, masked_patch, receptive_fields,
+from ctxpred.figures.activations import (ReceptiveField, StreamingTopK, masked_patch, receptive_fields,
                                  unit_activations)
-from ctxpred.features import read_deploy_param
+from ctxpred.features.extraction import read_deploy_param
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "max_activations.py"

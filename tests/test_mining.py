@@ -10,9 +10,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from ctxpred.mining import (Candidates, constellation_anchors, curve_auc, purity_coverage,
+from ctxpred.figures.mining import (Candidates, constellation_anchors, curve_auc, purity_coverage,
                             rank_clusters, top_images, union_boxes, verify)
-from ctxpred.voc import Annotation, VocObject, write_annotation
+from ctxpred.detection.voc import Annotation, VocObject, write_annotation
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "mine.py"

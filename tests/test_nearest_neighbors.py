@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctxpred.pages import PatchStore, ShownPatch, neighbours_page
+from ctxpred.figures.pages import PatchStore, ShownPatch, neighbours_page
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "nearest_neighbors.py"

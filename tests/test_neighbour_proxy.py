@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctxpred.images import open_source
-from ctxpred.retrieval_proxy import (Augmentation, candidate_counts, paired_difference,
+from ctxpred.data.images import open_source
+from ctxpred.evaluation.retrieval_proxy import (Augmentation, candidate_counts, paired_difference,
                                      positive_ranks, retrieval_pairs, retrieval_score)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,8 +121,8 @@ def test_paired_difference_and_its_bootstrap_interval(rng):
 
 def test_the_random_net_finds_unaugmented_copies_and_the_tool_compares_nets(
         caffe, photo_folder, tmp_path):
-    from ctxpred.features import FeatureExtractor
-    from ctxpred.retrieval_proxy import extractor_ranks
+    from ctxpred.features.extraction import FeatureExtractor
+    from ctxpred.evaluation.retrieval_proxy import extractor_ranks
 
     net = caffe.Net(DEPLOY, caffe.TEST)  # the fillers' random weights
     weights = str(tmp_path / "random.caffemodel")

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import skimage.data
 
-from ctxpred.nets import (MEAN_RGB, NET_NAMES, NetOptions, data_layer_params, deploy_net,
+from ctxpred.models.context import (MEAN_RGB, NET_NAMES, NetOptions, data_layer_params, deploy_net,
                           generated_files, train_net)
-from ctxpred.layers import close_data_layers
-from ctxpred.preprocess import PROJECTION_AXIS, apply_augmentations, crop_patches, draw_augmentations
-from ctxpred.surgery import load_params, net_params, to_factorized_head, to_reference_head
+from ctxpred.data.layer import close_data_layers
+from ctxpred.data.preprocess import PROJECTION_AXIS, apply_augmentations, crop_patches, draw_augmentations
+from ctxpred.weights.surgery import load_params, net_params, to_factorized_head, to_reference_head
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,12 +13,12 @@ import onnx
 import pytest
 import skimage.data
 
-from ctxpred.detection_nets import caffenet_deploy
-from ctxpred.nets import NetOptions, deploy_net
-from ctxpred.onnx_export import (UnsupportedLayerError, caffe_to_onnx, compare_with_caffe,
+from ctxpred.models.backbones import caffenet_deploy
+from ctxpred.models.context import NetOptions, deploy_net
+from ctxpred.weights.onnx import (UnsupportedLayerError, caffe_to_onnx, compare_with_caffe,
                                  photo_patches)
-from ctxpred.surgery import read_net_param
-from ctxpred.weights import read_weights
+from ctxpred.weights.surgery import read_net_param
+from ctxpred.weights.files import read_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "export_onnx.py"

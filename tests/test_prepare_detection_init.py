@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxpred.detection_init import detection_conv1
-from ctxpred.layers import close_data_layers
-from ctxpred.nets import data_layer_params, train_net
-from ctxpred.preprocess import projection_matrix
-from ctxpred.surgery import fold_batchnorm, read_net_param
-from ctxpred.weights import read_weights
+from ctxpred.detection.init_weights import detection_conv1
+from ctxpred.data.layer import close_data_layers
+from ctxpred.models.context import data_layer_params, train_net
+from ctxpred.data.preprocess import projection_matrix
+from ctxpred.weights.surgery import fold_batchnorm, read_net_param
+from ctxpred.weights.files import read_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "prepare_detection_init.py"

@@ -1,11 +1,11 @@
-"""Tests for ctxpred.preprocess: cropping, augmentation draws, colour handling, projection."""
+"""Tests for ctxpred.data.preprocess: cropping, augmentation draws, colour handling, projection."""
 
 import cv2
 import numpy as np
 import pytest
 import skimage.data
 
-from ctxpred.preprocess import (
+from ctxpred.data.preprocess import (
     PROJECTION_AXIS,
     apply_augmentations,
     crop_patches,

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from ctxpred import roi_layers
-from ctxpred.roi_layers import (parse_roi_pooling_params, parse_smooth_l1_params,
+from ctxpred.detection.roidb import roi_layers
+from ctxpred.detection.roi_layers import (parse_roi_pooling_params, parse_smooth_l1_params,
                                 roi_pool_backward, roi_pool_forward, smooth_l1_loss)
 
 # Batch item 0, channel 0 holds its own flat index (5h + w), so that a
@@ -17,7 +17,7 @@ FEATURES = np.stack([np.stack([_RAMP, -_RAMP]), np.stack([_RAMP + 100, -_RAMP - 
 
 
 def python_net(caffe, tmp_path, inputs, layer, param_str="", loss_weight=None):
-    """A TRAIN net of Input blobs feeding one ctxpred.roi_layers Python layer (top "out").
+    """A TRAIN net of Input blobs feeding one ctxpred.detection.roi_layers Python layer (top "out").
 
     force_backward makes Caffe run the layer's backward into the Input blobs.
     """
@@ -29,7 +29,7 @@ def python_net(caffe, tmp_path, inputs, layer, param_str="", loss_weight=None):
         setattr(n, name, blob)
     extra = {} if loss_weight is None else {"loss_weight": loss_weight}
     n.out = caffe.layers.Python(*blobs, python_param=dict(
-        module="ctxpred.roi_layers", layer=layer, param_str=param_str), **extra)
+        module="ctxpred.detection.roi_layers", layer=layer, param_str=param_str), **extra)
     proto = n.to_proto()
     proto.force_backward = True
     path = tmp_path / f"{layer}.prototxt"

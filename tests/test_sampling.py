@@ -1,10 +1,10 @@
-"""Tests for ctxpred.sampling: label table, grid and random-pair geometry."""
+"""Tests for ctxpred.data.sampling: label table, grid and random-pair geometry."""
 
 import numpy as np
 import pytest
 
-from ctxpred.preprocess import crop_patches
-from ctxpred.sampling import (
+from ctxpred.data.preprocess import crop_patches
+from ctxpred.data.sampling import (
     NUM_LABELS,
     OFFSETS,
     PatchGeometry,

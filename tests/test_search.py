@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ctxpred.search import NeighbourIndex, normalised
+from ctxpred.features.search import NeighbourIndex, normalised
 
 
 def clustered(rng, rows, dim=48, clusters=40):

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxpred import snapshots
-from ctxpred.layers import close_data_layers
-from ctxpred.training import RunConfig, latest_snapshot, read_log, train, write_run_files
+from ctxpred.training.loop import snapshots
+from ctxpred.data.layer import close_data_layers
+from ctxpred.training.loop import RunConfig, latest_snapshot, read_log, train, write_run_files
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (("max_patches", 40),)

@@ -15,15 +15,15 @@ import pytest
 import skimage.data
 import skimage.transform
 
-from ctxpred import detection_nets
-from ctxpred.detection_nets import caffenet_deploy
-from ctxpred.layers import close_data_layers
-from ctxpred.nets import MEAN_RGB, NetOptions, data_layer_params, deploy_net, train_net
-from ctxpred.preprocess import crop_patches
-from ctxpred.surgery import (batchnorm_pairs, compare_shapes, drop_layers_from, fold_batchnorm,
+from ctxpred.models import backbones as detection_nets
+from ctxpred.models.backbones import caffenet_deploy
+from ctxpred.data.layer import close_data_layers
+from ctxpred.models.context import MEAN_RGB, NetOptions, data_layer_params, deploy_net, train_net
+from ctxpred.data.preprocess import crop_patches
+from ctxpred.weights.surgery import (batchnorm_pairs, compare_shapes, drop_layers_from, fold_batchnorm,
                              groupless_net, groupless_weights, load_params, param_shapes,
                              read_net_param)
-from ctxpred.weights import read_weights, write_weights
+from ctxpred.weights.files import read_weights, write_weights
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOTXT = REPO / "prototxt"

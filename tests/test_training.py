@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxpred.caffe_env import gpu_status
-from ctxpred.training import (DivergenceError, DivergenceWatch, RunConfig, latest_snapshot,
+from ctxpred.caffe.env import gpu_status
+from ctxpred.training.loop import (DivergenceError, DivergenceWatch, RunConfig, latest_snapshot,
                               read_log, train, write_run_files)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ import types
 import numpy as np
 import pytest
 
-from ctxpred.trainlog import HEADER, LogSummary, TrainLog, plot_summary, read_log
-from ctxpred.training import choose_device, default_workers, progress_printer
+from ctxpred.training.log import HEADER, LogSummary, TrainLog, plot_summary, read_log
+from ctxpred.training.loop import choose_device, default_workers, progress_printer
 
 
 class Clock:

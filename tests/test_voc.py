@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctxpred.voc import (Annotation, AnnotationError, VocObject, annotation_path, box_iou,
+from ctxpred.detection.voc import (Annotation, AnnotationError, VocObject, annotation_path, box_iou,
                          evaluate_class, evaluate_detections, image_path, image_set_path, nms,
                          read_annotation, read_dataset, read_image_set, voc_ap, write_annotation)
 

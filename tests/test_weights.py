@@ -1,7 +1,7 @@
 """The streamed caffemodel writer: what protobuf and Caffe read back."""
 import numpy as np
 
-from ctxpred.weights import read_weights, write_weights
+from ctxpred.weights.files import read_weights, write_weights
 
 
 def test_streamed_binary_caffemodel_parses_as_net_parameter(caffe, tmp_path, rng):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxpred.classification import map_difference, mean_average_precision
+from ctxpred.classification.data import map_difference, mean_average_precision
 
 
 def parse_args(argv=None):

@@ -16,10 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ctxpred.detection import read_classes
-from ctxpred.detector import map_difference, read_detections
-from ctxpred.exits import run_tool
-from ctxpred.voc import AnnotationError, evaluate_detections, read_dataset
+from ctxpred.detection.roidb import read_classes
+from ctxpred.detection.run import map_difference, read_detections
+from ctxpred.cli import run_tool
+from ctxpred.detection.voc import AnnotationError, evaluate_detections, read_dataset
 
 
 def parse_args(argv):

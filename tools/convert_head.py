@@ -12,9 +12,9 @@ Examples:
 import argparse
 import sys
 
-from ctxpred.exits import run_tool
-from ctxpred.surgery import FIRST, to_factorized_head, to_reference_head
-from ctxpred.weights import WeightFileError, read_weights, write_weights
+from ctxpred.cli import run_tool
+from ctxpred.weights.surgery import FIRST, to_factorized_head, to_reference_head
+from ctxpred.weights.files import WeightFileError, read_weights, write_weights
 
 
 def main(argv=None):

@@ -20,10 +20,10 @@ Example:
 import argparse
 import sys
 
-from ctxpred.exits import run_tool
-from ctxpred.surgery import (batchnorm_pairs, check_batchnorms_fold, compare_shapes,
+from ctxpred.cli import run_tool
+from ctxpred.weights.surgery import (batchnorm_pairs, check_batchnorms_fold, compare_shapes,
                              fold_batchnorm, net_param_shapes, read_net_param)
-from ctxpred.weights import read_weights, write_weights
+from ctxpred.weights.files import read_weights, write_weights
 
 
 def main(argv=None):

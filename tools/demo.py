@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from ctxpred.caffe_env import gpu_status, load_caffe
-from ctxpred.exits import run_tool
-from ctxpred.training import (RunConfig, choose_device, default_workers, latest_snapshot,
+from ctxpred.caffe.env import gpu_status, load_caffe
+from ctxpred.cli import run_tool
+from ctxpred.training.loop import (RunConfig, choose_device, default_workers, latest_snapshot,
                               move_aside, recompute_batchnorm_statistics, train,
                               write_run_files)
 
@@ -65,14 +65,14 @@ def parse_args(argv):
 
 def save_initial_weights(caffe, solver_path, path):
     """The net as the solver initialises it (Caffe's random_seed fixes the fillers)."""
-    from ctxpred.layers import close_data_layers
+    from ctxpred.data.layer import close_data_layers
     solver = caffe.get_solver(str(solver_path))
     solver.net.save(str(path))
     close_data_layers(solver.net)
 
 
 def evaluate(weights, heldout, n_images, pairs_per_image, seed, out_png, title):
-    from ctxpred import evaluation
+    from ctxpred.evaluation.pretext import pretext as evaluation
     net = evaluation.load_scoring_net("color_dropping", str(weights))
     pairs = evaluation.sample_eval_pairs(heldout, n_images, pairs_per_image, seed,
                                          evaluation.eval_config("color_dropping"))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ctxpred.caffe_env import load_caffe
-from ctxpred.exits import exit_code, fail, run_tool
-from ctxpred.nets import NET_NAMES
+from ctxpred.caffe.env import load_caffe
+from ctxpred.cli import exit_code, fail, run_tool
+from ctxpred.models.context import NET_NAMES
 
 CHANCE = 1 / 8
 
@@ -59,7 +59,7 @@ def main(argv=None):
     args = parse_args(argv)
     load_caffe(gpu=args.gpu)
     # Imported only once the arguments are valid: it loads pycaffe.
-    from ctxpred import evaluation
+    from ctxpred.evaluation.pretext import pretext as evaluation
 
     try:
         # The pair-head layout (reference or factorized) is read off the weights.

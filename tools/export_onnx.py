@@ -5,10 +5,10 @@ deploy net's input shape and Caffe's blob names for its inputs and outputs.
 Supported layers: Input, Convolution, Pooling (MAX / AVE, Caffe's rounding),
 LRN, MVN, Power, Reduction, Scale, Slice, Eltwise, InnerProduct, ReLU,
 BatchNorm (stored statistics), Concat, Dropout, Softmax; any other layer is
-an error naming it (see ctxpred/onnx_export.py).
+an error naming it (see ctxpred/weights/onnx.py).
 
 With --check, pycaffe and onnxruntime run the net on real photo patches
-(mean-subtracted RGB, ctxpred.nets.MEAN_RGB, at the net's input size) and
+(mean-subtracted RGB, ctxpred.models.context.MEAN_RGB, at the net's input size) and
 the maximum absolute and relative difference (relative to the largest
 |output|) are printed; the exit status is 1 when the relative difference
 exceeds 1e-4.
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import onnx
 
-from ctxpred.exits import run_tool
-from ctxpred.images import decode_rgb
-from ctxpred.onnx_export import (DEFAULT_OPSET, MIN_OPSET, caffe_to_onnx, compare_with_caffe,
+from ctxpred.cli import run_tool
+from ctxpred.data.images import decode_rgb
+from ctxpred.weights.onnx import (DEFAULT_OPSET, MIN_OPSET, caffe_to_onnx, compare_with_caffe,
                                  photo_patches)
-from ctxpred.surgery import read_net_param
-from ctxpred.weights import read_weights
+from ctxpred.weights.surgery import read_net_param
+from ctxpred.weights.files import read_weights
 
 TOLERANCE = 1e-4
 CHECK_PATCHES = 4

@@ -1,7 +1,7 @@
 """Extract fc6 (or any blob) features of 96x96 patches with a context-prediction deploy net.
 
 Patches are fed with the input convention of the released networks: RGB,
-the per-channel means ctxpred.nets.MEAN_RGB subtracted, nothing else (the
+the per-channel means ctxpred.models.context.MEAN_RGB subtracted, nothing else (the
 net scales each patch to RMS 50 itself, and projects it for the projection
 net). Images are used as decoded, at full resolution, unless --max-pixels
 is given.
@@ -38,10 +38,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.exits import exit_code, fail, run_tool
-from ctxpred.images import DEFAULT_MAX_PIXELS
-from ctxpred.nets import MEAN_RGB, NET_NAMES, snapshot_param
+from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.cli import exit_code, fail, run_tool
+from ctxpred.data.images import DEFAULT_MAX_PIXELS
+from ctxpred.models.context import MEAN_RGB, NET_NAMES, snapshot_param
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_SUFFIXES = (".h5", ".hdf5", ".npy")
@@ -120,8 +120,8 @@ def main(argv=None):
     except CaffeNotAvailable as error:
         return fail(error)
     # Imported once the arguments are valid: it loads pycaffe.
-    from ctxpred import features
-    from ctxpred.images import open_source
+    from ctxpred.features.extraction import extraction as features
+    from ctxpred.data.images import open_source
 
     try:
         extractor = features.FeatureExtractor(args.deploy, args.weights, args.layer, args.batch,

@@ -29,12 +29,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.classification import ClassificationError
-from ctxpred.classification_nets import MODES
-from ctxpred.classifier import (ClassificationRun, evaluate_classifier, prepare_init,
+from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.classification.data import ClassificationError
+from ctxpred.models.classification import MODES
+from ctxpred.classification.run import (ClassificationRun, evaluate_classifier, prepare_init,
                                 result_lines, train_classifier)
-from ctxpred.nets import NET_NAMES
+from ctxpred.models.context import NET_NAMES
 
 
 def parse_args(argv=None):

@@ -19,10 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ctxpred.exits import run_tool
-from ctxpred.surgery import (compare_shapes, groupless_net, groupless_weights,
+from ctxpred.cli import run_tool
+from ctxpred.weights.surgery import (compare_shapes, groupless_net, groupless_weights,
                              net_param_shapes, read_net_param)
-from ctxpred.weights import read_weights, write_weights
+from ctxpred.weights.files import read_weights, write_weights
 
 
 def main(argv=None):

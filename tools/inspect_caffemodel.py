@@ -14,9 +14,9 @@ Examples:
 import argparse
 import sys
 
-from ctxpred.exits import run_tool
-from ctxpred.surgery import compare_shapes, net_param_shapes, read_net_param
-from ctxpred.weights import read_weights
+from ctxpred.cli import run_tool
+from ctxpred.weights.surgery import compare_shapes, net_param_shapes, read_net_param
+from ctxpred.weights.files import read_weights
 
 
 def layer_table(weights):

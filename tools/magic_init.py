@@ -30,13 +30,13 @@ import sys
 
 import numpy as np
 
-from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.exits import run_tool
-from ctxpred.images import open_source
-from ctxpred.magic_init import (DROPOUT_MODES, TYPES, NetUnderInit, analysis_net, build_net,
+from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.cli import run_tool
+from ctxpred.data.images import open_source
+from ctxpred.weights.magic_init import (DROPOUT_MODES, TYPES, NetUnderInit, analysis_net, build_net,
                                 data_layer_batches, image_batches, input_size, summary_lines)
-from ctxpred.surgery import load_params, net_param_shapes, read_net_param
-from ctxpred.weights import read_weights, write_weights
+from ctxpred.weights.surgery import load_params, net_param_shapes, read_net_param
+from ctxpred.weights.files import read_weights, write_weights
 
 
 def parse_args(argv=None):

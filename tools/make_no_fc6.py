@@ -20,9 +20,9 @@ Examples:
 import argparse
 import sys
 
-from ctxpred.exits import run_tool
-from ctxpred.surgery import drop_layers_from, read_net_param
-from ctxpred.weights import is_hdf5, read_weights, write_weights
+from ctxpred.cli import run_tool
+from ctxpred.weights.surgery import drop_layers_from, read_net_param
+from ctxpred.weights.files import is_hdf5, read_weights, write_weights
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Regenerate prototxt/ from ctxpred's NetSpec definitions (ctxpred/nets.py).
+"""Regenerate prototxt/ from ctxpred's NetSpec definitions (ctxpred/models/context.py).
 
 The checked-in prototxts are this script's output; tests/test_nets.py fails
 when they differ from what the code generates.
@@ -6,7 +6,7 @@ when they differ from what the code generates.
 import argparse
 from pathlib import Path
 
-from ctxpred.nets import write_prototxts
+from ctxpred.models.context import write_prototxts
 
 REPO = Path(__file__).resolve().parents[1]
 

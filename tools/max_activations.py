@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.exits import exit_code, fail, run_tool
-from ctxpred.nets import NET_NAMES, snapshot_param
+from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.cli import exit_code, fail, run_tool
+from ctxpred.models.context import NET_NAMES, snapshot_param
 
 REPO = Path(__file__).resolve().parents[1]
 K = 9
@@ -99,8 +99,8 @@ def numbered_patches(items, skip):
 
 def run_the_net(args, source, extractor, tops, state_path, settings):
     """Update ``tops`` ({layer: StreamingTopK}) with the patches not seen yet; save the state."""
-    from ctxpred.activations import unit_activations
-    from ctxpred.features import net_input, sampled_patches
+    from ctxpred.figures.activations import unit_activations
+    from ctxpred.features.extraction import net_input, sampled_patches
 
     seen = next(iter(tops.values())).seen
     net, patch = extractor.net, extractor.patch
@@ -143,7 +143,7 @@ def save_state(path, tops, settings):
 
 def load_tops(path, layers, units, settings):
     """{layer: StreamingTopK} from ``path`` if it exists (settings must match), else empty ones."""
-    from ctxpred.activations import StreamingTopK
+    from ctxpred.figures.activations import StreamingTopK
 
     if not path.is_file():
         return {layer: StreamingTopK(units[layer], K) for layer in layers}
@@ -158,9 +158,9 @@ def load_tops(path, layers, units, settings):
 
 def write_pages(args, source, tops, fields):
     """OUT/<layer>.html per layer and OUT/index.html; returns the index's path."""
-    from ctxpred import pages
-    from ctxpred.activations import masked_patch
-    from ctxpred.features import sampled_patches
+    from ctxpred.figures import pages
+    from ctxpred.figures.activations import masked_patch
+    from ctxpred.features.extraction import sampled_patches
 
     out = Path(args.out)
     store = pages.PatchStore(out / "patches")
@@ -215,9 +215,9 @@ def main(argv=None):
     except CaffeNotAvailable as error:
         return fail(error)
     # Imported once the arguments are valid: these load pycaffe.
-    from ctxpred.activations import receptive_fields
-    from ctxpred.features import FeatureExtractor, read_deploy_param
-    from ctxpred.images import open_source
+    from ctxpred.figures.activations import receptive_fields
+    from ctxpred.features.extraction import FeatureExtractor, read_deploy_param
+    from ctxpred.data.images import open_source
 
     try:
         source = open_source(args.images)

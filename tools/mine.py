@@ -32,7 +32,7 @@ first --purity-top detections are matched to objects (--match-rule iou:
 IoU >= 0.5; centre: the box's centre inside the object); purity is the
 fraction of them in the cluster's majority class; coverage the fraction of
 annotated object pixels covered by such correct detections of the
-clusters so far (ctxpred/mining.py defines both). Writes
+clusters so far (ctxpred/figures/mining.py defines both). Writes
 OUT/purity_coverage.png and prints the area under the curve.
 
 Example:
@@ -48,12 +48,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.exits import exit_code, fail, run_tool
-from ctxpred.images import DEFAULT_MAX_PIXELS
-from ctxpred.mining import MATCH_RULES
-from ctxpred.nets import NET_NAMES, PATCH, snapshot_param
-from ctxpred.search import EXACT_THRESHOLD
+from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.cli import exit_code, fail, run_tool
+from ctxpred.data.images import DEFAULT_MAX_PIXELS
+from ctxpred.figures.mining import MATCH_RULES
+from ctxpred.models.context import NET_NAMES, PATCH, snapshot_param
+from ctxpred.features.search import EXACT_THRESHOLD
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def extract(args, source, path):
     """features.h5 of the grid patches of every image, unless one with the same settings exists."""
     import h5py
 
-    from ctxpred.features import (FeatureExtractor, open_feature_writer, sampled_patches,
+    from ctxpred.features.extraction import (FeatureExtractor, open_feature_writer, sampled_patches,
                                   stream_features)
 
     settings = feature_settings(args)
@@ -188,8 +188,8 @@ def extract(args, source, path):
 
 def match(args, features, image_ids, corners, constellations):
     """(Candidates, verified (C, T) bool) of ``constellations``, searched --chunk at a time."""
-    from ctxpred.mining import Candidates, top_images, verified_matches
-    from ctxpred.search import NeighbourIndex
+    from ctxpred.figures.mining import Candidates, top_images, verified_matches
+    from ctxpred.features.search import NeighbourIndex
 
     index = NeighbourIndex(features, image_ids, exact_threshold=args.exact_threshold,
                            seed=args.seed)
@@ -209,7 +209,7 @@ def match(args, features, image_ids, corners, constellations):
 
 def crops(source, names, wanted, max_pixels):
     """{(image id, x0, y0, x1, y1): pixels} of ``wanted`` boxes, each image decoded once."""
-    from ctxpred.images import decode_rgb_within
+    from ctxpred.data.images import decode_rgb_within
 
     index_of = {source.name(index): index for index in range(len(source))}
     pixels = {}
@@ -225,8 +225,8 @@ def crops(source, names, wanted, max_pixels):
 
 def write_page(args, source, names, corners, constellations, clusters, counts):
     """OUT/index.html and OUT/patches/ of the first --clusters clusters; returns the page."""
-    from ctxpred import pages
-    from ctxpred.mining import union_boxes
+    from ctxpred.figures import pages
+    from ctxpred.figures.mining import union_boxes
 
     out = Path(args.out)
     page = out / "index.html"
@@ -272,7 +272,7 @@ def voc_boxes(rows, corners, scales):
     The grid's pixels are those of the decoded image shrunk by --max-pixels
     (0-based, exclusive ends); VOC boxes are 1-based with inclusive ends.
     """
-    from ctxpred.mining import union_boxes
+    from ctxpred.figures.mining import union_boxes
 
     boxes = union_boxes(corners[rows]).astype(np.float64)
     return boxes / scales[rows[..., 0]][..., None] + [1, 1, 0, 0]
@@ -292,8 +292,8 @@ def cluster_summaries(clusters, names, corners, scales, counts):
 
 def evaluate(args, names, found):
     """PurityCoverage of the clusters against the XML files of --annotations; writes the plot."""
-    from ctxpred.mining import plot_purity_coverage, purity_coverage
-    from ctxpred.voc import read_annotation
+    from ctxpred.figures.mining import plot_purity_coverage, purity_coverage
+    from ctxpred.detection.voc import read_annotation
 
     folder = Path(args.annotations)
     annotations = {}
@@ -319,8 +319,8 @@ def main(argv=None):
     # Imported once the arguments are valid: these load pycaffe.
     import h5py
 
-    from ctxpred.images import open_source
-    from ctxpred.mining import constellation_anchors, rank_clusters, sample_constellations
+    from ctxpred.data.images import open_source
+    from ctxpred.figures.mining import constellation_anchors, rank_clusters, sample_constellations
 
     started = time.perf_counter()
     out = Path(args.out)

@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.exits import exit_code, fail, run_tool
-from ctxpred.images import DEFAULT_MAX_PIXELS
-from ctxpred.nets import NET_NAMES, snapshot_param
-from ctxpred.search import EXACT_THRESHOLD
+from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.cli import exit_code, fail, run_tool
+from ctxpred.data.images import DEFAULT_MAX_PIXELS
+from ctxpred.models.context import NET_NAMES, snapshot_param
+from ctxpred.features.search import EXACT_THRESHOLD
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def parse_args(argv):
 
 def extract(source, args, net, weights, path):
     """Write the features of the sampled patches of ``source`` with one net to HDF5 ``path``."""
-    from ctxpred import features
+    from ctxpred.features.extraction import extraction as features
 
     extractor = features.FeatureExtractor(REPO / "prototxt" / net / "deploy.prototxt", weights,
                                           args.layer, args.batch, train_param=snapshot_param(net))
@@ -125,7 +125,7 @@ def search(path, image_ids, queries, args):
     """(exact, indices, similarities) of the --k neighbours of rows ``queries`` in HDF5 ``path``."""
     import h5py
 
-    from ctxpred.search import NeighbourIndex
+    from ctxpred.features.search import NeighbourIndex
 
     with h5py.File(path, "r") as file:
         index = NeighbourIndex(file["features"], image_ids, exact_threshold=args.exact_threshold,
@@ -136,8 +136,8 @@ def search(path, image_ids, queries, args):
 
 def cut_rows(source, names, boxes, rows, max_pixels):
     """{row: (96, 96, 3) uint8} for ``rows``, each image decoded once (as sampled_patches does)."""
-    from ctxpred.images import decode_rgb_within
-    from ctxpred.preprocess import crop_patches
+    from ctxpred.data.images import decode_rgb_within
+    from ctxpred.data.preprocess import crop_patches
 
     index_of = {source.name(index): index for index in range(len(source))}
     patches = {}
@@ -152,7 +152,7 @@ def cut_rows(source, names, boxes, rows, max_pixels):
 
 def write_figure(args, source, names, boxes, queries, found):
     """OUT/index.html and OUT/patches/ of the queries and each net's (exact, rows, scores)."""
-    from ctxpred import pages
+    from ctxpred.figures import pages
 
     needed = set(queries.tolist()) | {int(row) for _, rows, _ in found for row in rows.ravel()}
     needed.discard(-1)
@@ -189,10 +189,10 @@ def main(argv=None):
         load_caffe(gpu=args.gpu)
     except CaffeNotAvailable as error:
         return fail(error)
-    # Imported once the arguments are valid: ctxpred.features loads pycaffe.
+    # Imported once the arguments are valid: ctxpred.features.extraction loads pycaffe.
     import h5py
 
-    from ctxpred.images import open_source
+    from ctxpred.data.images import open_source
 
     try:
         source = open_source(args.images)

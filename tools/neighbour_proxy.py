@@ -1,6 +1,6 @@
 """Nearest-neighbour quality as a number: rank-1 retrieval of augmented copies.
 
-The protocol is ctxpred.retrieval_proxy's.
+The protocol is ctxpred.evaluation.retrieval_proxy's.
 
 From each image of --images, --per-image query patches (96x96, seeded
 positions) are cut, and for each an augmented copy (its key): the window
@@ -17,10 +17,10 @@ that resamples whole images (--resamples, seeded).
 
 BatchNorm: the deploy prototxt has no BatchNorm layers. A snapshot of a
 BatchNorm training net holds bn3..bn6; they are folded into conv3..fc6
-first (ctxpred.surgery.fold_batchnorm, using --train-prototxt or the
+first (ctxpred.weights.surgery.fold_batchnorm, using --train-prototxt or the
 training net of --net). That needs statistics gathered under the
 snapshot's own weights (e.g. runs/demo/*_eval.caffemodel, written by the
-demo with ctxpred.training.recompute_batchnorm_statistics); BatchNorm
+demo with ctxpred.training.loop.recompute_batchnorm_statistics); BatchNorm
 layers without statistics are ignored.
 
 Example (the demo's trained net against its initialisation):
@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.exits import exit_code, fail, run_tool
-from ctxpred.images import DEFAULT_MAX_PIXELS
-from ctxpred.nets import NET_NAMES, snapshot_param
+from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.cli import exit_code, fail, run_tool
+from ctxpred.data.images import DEFAULT_MAX_PIXELS
+from ctxpred.models.context import NET_NAMES, snapshot_param
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,11 +112,11 @@ def main(argv=None):
     except CaffeNotAvailable as error:
         return fail(error)
     # Imported once the arguments are valid: these load pycaffe.
-    from ctxpred.features import FeatureExtractor
-    from ctxpred.images import open_source
-    from ctxpred.retrieval_proxy import (Augmentation, extractor_ranks, paired_difference,
+    from ctxpred.features.extraction import FeatureExtractor
+    from ctxpred.data.images import open_source
+    from ctxpred.evaluation.retrieval_proxy import (Augmentation, extractor_ranks, paired_difference,
                                          retrieval_pairs, retrieval_score)
-    from ctxpred.surgery import read_net_param
+    from ctxpred.weights.surgery import read_net_param
 
     deploy = REPO / "prototxt" / args.net / "deploy.prototxt"
     try:

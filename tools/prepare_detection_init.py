@@ -20,11 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.detection_init import DETECTION_PROTOTXTS, origin_lines, prepare_detection_init
-from ctxpred.exits import run_tool
-from ctxpred.nets import NET_NAMES
-from ctxpred.weights import write_weights
+from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.detection.init_weights import DETECTION_PROTOTXTS, origin_lines, prepare_detection_init
+from ctxpred.cli import run_tool
+from ctxpred.models.context import NET_NAMES
+from ctxpred.weights.files import write_weights
 
 REPO = Path(__file__).resolve().parents[1]
 

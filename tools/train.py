@@ -28,11 +28,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ctxpred.caffe_env import CaffeNotAvailable, load_caffe
-from ctxpred.exits import exit_code, run_tool
-from ctxpred.nets import NET_NAMES
-from ctxpred.snapshots import RunFolderLocked, RunLock, SnapshotError, io_error_text
-from ctxpred.training import (DivergenceError, RunConfig, default_workers, latest_snapshot,
+from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.cli import exit_code, run_tool
+from ctxpred.models.context import NET_NAMES
+from ctxpred.training.snapshots import RunFolderLocked, RunLock, SnapshotError, io_error_text
+from ctxpred.training.loop import (DivergenceError, RunConfig, default_workers, latest_snapshot,
                               move_aside, progress_printer, train, write_run_files)
 
 

@@ -28,10 +28,10 @@ import sys
 
 from tqdm import tqdm
 
-from ctxpred.caffe_env import load_caffe
-from ctxpred.detector import DetectorRun, evaluate_detector, train_detector
-from ctxpred.exits import run_tool
-from ctxpred.fast_rcnn import MODEL_NAMES
+from ctxpred.caffe.env import load_caffe
+from ctxpred.detection.run import DetectorRun, evaluate_detector, train_detector
+from ctxpred.cli import run_tool
+from ctxpred.models.fast_rcnn import MODEL_NAMES
 
 
 def parse_args(argv):

@@ -30,7 +30,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from ctxpred.batching import BatchAssembler, SkippedImageWarning
+from ctxpred.data.batching import BatchAssembler, SkippedImageWarning
 
 # How often a waiting consumer checks that its workers are alive (seconds).
 _LIVENESS_POLL = 0.5
@@ -138,12 +138,12 @@ def _shutdown(processes, free_queues, memories):
 
 
 class BatchPrefetcher:
-    """Background batch assembly for :class:`ctxpred.layers.PatchPairData`.
+    """Background batch assembly for :class:`ctxpred.data.layer.PatchPairData`.
 
     Parameters
     ----------
-    source : ctxpred.images.ImageSource
-    config : ctxpred.batching.PatchPairConfig
+    source : ctxpred.data.images.ImageSource
+    config : ctxpred.data.batching.PatchPairConfig
     seed : int
         Seeds every worker (through ``numpy.random.SeedSequence.spawn``).
     workers : int

@@ -4,8 +4,8 @@ The procedure (method.md, "Figures of the project page"), as functions over
 arrays so that each step can be tested and reused:
 
 1. Patches: every image is covered by a grid of 96x96 patches with step
-   ``stride`` pixels (:func:`ctxpred.features.sampled_patches`, mode "grid"); their fc6 features are computed
-   once (:func:`ctxpred.features.stream_features`). A patch is a row: its
+   ``stride`` pixels (:func:`ctxpred.features.extraction.sampled_patches`, mode "grid"); their fc6 features are computed
+   once (:func:`ctxpred.features.extraction.stream_features`). A patch is a row: its
    image id and the (y, x) pixel corner of its top-left pixel.
 2. Constellations: four patches of one image at corners (y, x), (y, x + s),
    (y + s, x), (y + s, x + s), s = ``spacing`` pixels (a multiple of the
@@ -14,7 +14,7 @@ arrays so that each step can be tested and reused:
    draws some (seeded).
 3. Appearance: each constellation patch gets its k nearest patches by
    cosine similarity of fc6 among the patches of OTHER images
-   (:class:`ctxpred.search.NeighbourIndex`: exact and blocked up to a
+   (:class:`ctxpred.features.search.NeighbourIndex`: exact and blocked up to a
    threshold, HNSW above, memory bounded either way). :func:`top_images`
    scores an image by the sum over the four patches of the best similarity
    of that patch to a patch of the image, layout ignored, and keeps the
@@ -58,8 +58,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctxpred.nets import PATCH
-from ctxpred.voc import box_iou
+from ctxpred.models.context import PATCH
+from ctxpred.detection.voc import box_iou
 
 CONSTELLATION = 4  # patches: top-left, top-right, bottom-left, bottom-right
 MATCH_RULES = ("iou", "centre")
@@ -362,7 +362,7 @@ def purity_coverage(cluster_detections, annotations, top_n=10, rule="iou"):
 
     cluster_detections: one (images, boxes) per cluster, best first; images:
     V image keys, boxes: (V, 4) VOC boxes of its detections in those images,
-    best first. annotations: {image key: ctxpred.voc.Annotation}; a
+    best first. annotations: {image key: ctxpred.detection.voc.Annotation}; a
     detection in an image without annotation belongs to no class. Coverage
     is over the object pixels of every image of ``annotations``.
     Returns :class:`PurityCoverage`.

@@ -2,7 +2,7 @@
 
 The project page's route in one call (:func:`prepare_detection_init`):
 
-1. fold BatchNorm into the layers before it (:func:`ctxpred.surgery.fold_batchnorm`),
+1. fold BatchNorm into the layers before it (:func:`ctxpred.weights.surgery.fold_batchnorm`),
    when the model has BatchNorm layers;
 2. keep, by name, the layers the detection net (prototxt/groupless_caffenet.prototxt
    for the AlexNet-style nets, prototxt/vgg16.prototxt for the VGG-style one)
@@ -10,7 +10,7 @@ The project page's route in one call (:func:`prepare_detection_init`):
 3. adapt the first convolution to the detection input (:func:`detection_conv1`):
    the projection net's in-net projection is folded into it, and its input
    channels go from the context nets' RGB to Caffe's BGR;
-4. magic init with -cs on images (:mod:`ctxpred.magic_init`): the all-zero
+4. magic init with -cs on images (:mod:`ctxpred.weights.magic_init`): the all-zero
    fc6, fc7, fc8 are initialised from data, every layer is rescaled.
 
 The context nets' in-net RMS normalisation is not carried over: magic init
@@ -20,14 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctxpred.images import open_source
-from ctxpred.magic_init import (ZERO_TOLERANCE, NetUnderInit, analysis_net, build_net,
+from ctxpred.data.images import open_source
+from ctxpred.weights.magic_init import (ZERO_TOLERANCE, NetUnderInit, analysis_net, build_net,
                                 image_batches, input_size, summary_lines)
-from ctxpred.nets import NET_NAMES
-from ctxpred.preprocess import PROJECTION_AXIS, projection_matrix
-from ctxpred.surgery import (batchnorm_pairs, compare_shapes, fold_batchnorm, load_params,
+from ctxpred.models.context import NET_NAMES
+from ctxpred.data.preprocess import PROJECTION_AXIS, projection_matrix
+from ctxpred.weights.surgery import (batchnorm_pairs, compare_shapes, fold_batchnorm, load_params,
                              net_param_shapes, net_params, read_net_param)
-from ctxpred.weights import read_weights
+from ctxpred.weights.files import read_weights
 
 DETECTION_PROTOTXTS = {"color_dropping": "groupless_caffenet.prototxt",
                        "projection": "groupless_caffenet.prototxt",
@@ -136,8 +136,8 @@ def prepare_detection_init(caffe, weights_path, net_name, images, context_def, d
 
     caffe: pycaffe (device already selected). weights_path: the context
     model (binary or HDF5 caffemodel). net_name: one of
-    :data:`ctxpred.nets.NET_NAMES`. images: what
-    :func:`ctxpred.images.open_source` opens (a glob, folder, list file,
+    :data:`ctxpred.models.context.NET_NAMES`. images: what
+    :func:`ctxpred.data.images.open_source` opens (a glob, folder, list file,
     LMDB). context_def: the context net's prototxt with its BatchNorm layers
     (prototxt/<net>/train.prototxt). detection_def: the detection deploy
     prototxt (:data:`DETECTION_PROTOTXTS`). batch_size x iterations images

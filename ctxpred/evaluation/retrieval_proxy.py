@@ -24,7 +24,7 @@ Protocol (:func:`retrieval_pairs`, :func:`positive_ranks`):
   least as similar as its own key: 0 is a hit. Ties count against the query,
   so features that do not tell patches apart (constant, all zero) score 0.
 - Rank-1 accuracy is the share of hits, with a Wilson interval
-  (:func:`ctxpred.evaluation.accuracy_with_interval`: queries taken as
+  (:func:`ctxpred.evaluation.pretext.accuracy_with_interval`: queries taken as
   independent); chance is the mean of 1 / candidates.
 
 Two nets are compared on the same queries and keys (:func:`paired_difference`):
@@ -39,10 +39,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ctxpred.evaluation import accuracy_with_interval
-from ctxpred.images import DEFAULT_MAX_PIXELS, ImageError, ImageSource, decode_rgb_within
-from ctxpred.nets import PATCH
-from ctxpred.search import normalised
+from ctxpred.evaluation.pretext import accuracy_with_interval
+from ctxpred.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageSource, decode_rgb_within
+from ctxpred.models.context import PATCH
+from ctxpred.features.search import normalised
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def retrieval_pairs(source: ImageSource, per_image, augmentation=Augmentation(),
     Image i's positions and augmentations come from
     ``np.random.default_rng([seed, i])``: they depend only on the seed and the
     image's index. Images are decoded upright and within ``max_pixels``
-    (:func:`ctxpred.images.decode_rgb_within`; None: full size). Images that cannot be read or
+    (:func:`ctxpred.data.images.decode_rgb_within`; None: full size). Images that cannot be read or
     are too small for a query with its margin are skipped (listed in
     ``skipped``). Raises ValueError when fewer than two images give queries
     (a query needs keys of other images).
@@ -256,6 +256,6 @@ def paired_difference(hits_a, hits_b, image_ids, rng, resamples=2000, confidence
 
 
 def extractor_ranks(extractor, pairs: RetrievalPairs):
-    """:func:`positive_ranks` of a :class:`ctxpred.features.FeatureExtractor`'s features."""
+    """:func:`positive_ranks` of a :class:`ctxpred.features.extraction.FeatureExtractor`'s features."""
     return positive_ranks(extractor.extract(pairs.queries), extractor.extract(pairs.keys),
                           pairs.image_ids)

@@ -2,7 +2,7 @@
 
 :func:`caffe_to_onnx` turns a NetParameter (the layers Caffe keeps in the
 TEST phase, in order) and weights {layer: [arrays]} (as
-:func:`ctxpred.weights.read_weights` returns them) into an ONNX model with
+:func:`ctxpred.weights.files.read_weights` returns them) into an ONNX model with
 the deploy net's static input shapes. Caffe blobs written in place (ReLU,
 Dropout, BatchNorm on ``conv1``...) become a chain of ONNX tensors: every
 value but a blob's last is renamed ``<blob>/<layer>``, so the graph's tensors
@@ -40,7 +40,7 @@ Layers and the ONNX they become (anything else raises
   var / s (s the third blob, 0 meaning no statistics, as Caffe), scale 1,
   bias 0 and Caffe's eps. A BatchNorm computing batch statistics in the TEST
   phase (``use_global_stats: false``) is refused. (Folding it into the layer
-  before, :func:`ctxpred.surgery.fold_batchnorm`, gives the same numbers.)
+  before, :func:`ctxpred.weights.surgery.fold_batchnorm`, gives the same numbers.)
 
 :func:`compare_with_caffe` runs a deploy net in pycaffe (TEST phase) and an
 ONNX file in onnxruntime on the same inputs; :func:`photo_patches` makes such
@@ -54,8 +54,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ctxpred.caffe_env import load_caffe
-from ctxpred.surgery import load_weights_file
+from ctxpred.caffe.env import load_caffe
+from ctxpred.weights.surgery import load_weights_file
 
 MIN_OPSET = 13  # Softmax over one axis, Split's sizes as an input, ReduceSum's axes as an input
 DEFAULT_OPSET = 17
@@ -218,7 +218,7 @@ class _Graph:
         opsets = [helper.make_opsetid("", self.opset)]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="ctxpred",
                                   ir_version=helper.find_min_ir_version_for(opsets))
-        model.doc_string = "Converted from a Caffe deploy net by ctxpred.onnx_export"
+        model.doc_string = "Converted from a Caffe deploy net by ctxpred.weights.onnx"
         return model
 
 
@@ -650,10 +650,10 @@ def photo_patches(photos, height, width, count, mean=None):
     the crop is first enlarged (bilinear, aspect ratio kept). The k-th crop
     of a photo lies at fraction 1/2, 1/4, 3/4, 0, 1, 1/2, ... of the free
     range along both axes (the centre, then along the diagonal). mean: per
-    channel RGB values to subtract (:data:`ctxpred.nets.MEAN_RGB` if None).
+    channel RGB values to subtract (:data:`ctxpred.models.context.MEAN_RGB` if None).
     """
     if mean is None:
-        from ctxpred.nets import MEAN_RGB
+        from ctxpred.models.context import MEAN_RGB
         mean = MEAN_RGB
     if not photos:
         raise ValueError("no photos to crop patches from")

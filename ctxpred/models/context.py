@@ -25,8 +25,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctxpred.caffe_env import import_caffe
-from ctxpred.preprocess import PROJECTION_AXIS
+from ctxpred.caffe.env import import_caffe
+from ctxpred.data.preprocess import PROJECTION_AXIS
 
 NET_NAMES = ("color_dropping", "projection", "vgg")
 PATCH = 96
@@ -204,7 +204,7 @@ def train_net(net_name, data_params, options=NetOptions()):
     _check_name(net_name)
     n = caffe.NetSpec()
     n.data, n.select1, n.select2, n.label = caffe.layers.Python(
-        ntop=4, python_param=dict(module="ctxpred.layers", layer="PatchPairData",
+        ntop=4, python_param=dict(module="ctxpred.data.layer", layer="PatchPairData",
                                   param_str=json.dumps(data_params)))
     features = _tower(caffe, n, net_name, n.data, options)
     n.relu6 = caffe.layers.ReLU(features, in_place=True)
@@ -222,7 +222,7 @@ def snapshot_param(net_name):
     """NetParameter of the training net whose snapshots hold a net's BatchNorm layers.
 
     Its data source is a placeholder: it serves to fold BatchNorm
-    (:func:`ctxpred.surgery.fold_batchnorm`), not to train.
+    (:func:`ctxpred.weights.surgery.fold_batchnorm`), not to train.
     """
     return train_net(net_name, data_layer_params(net_name, "unused"))
 
@@ -258,7 +258,9 @@ def _check_name(net_name):
 
 def generated_files(default_source="data/photos/train"):
     """Every checked-in prototxt under prototxt/, as {relative path: text}."""
-    from ctxpred import classification_nets, detection_nets, fast_rcnn
+    from ctxpred.models import classification as classification_nets
+    from ctxpred.models import backbones as detection_nets
+    from ctxpred.models import fast_rcnn
     files = detection_nets.generated_files()
     files.update(fast_rcnn.generated_files())
     files.update(classification_nets.generated_files())

@@ -1,7 +1,7 @@
 """Features of 96x96 patches from a deploy net (fc6 or any blob), streamed to disk, and dense maps.
 
 Input convention of the released networks (method.md, "Released networks"):
-RGB, the per-channel means :data:`ctxpred.nets.MEAN_RGB` subtracted, nothing
+RGB, the per-channel means :data:`ctxpred.models.context.MEAN_RGB` subtracted, nothing
 else. The deploy net scales each patch to root-mean-square 50 itself (and
 projects it for the projection net), so features do not depend on the
 patch's contrast: x and c * x (c > 0) give the same fc6. :func:`net_input`
@@ -65,13 +65,13 @@ import h5py
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ctxpred.caffe_env import import_caffe
-from ctxpred.images import (DEFAULT_MAX_PIXELS, FileSource, ImageError, ImageSource, decode_rgb,
+from ctxpred.caffe.env import import_caffe
+from ctxpred.data.images import (DEFAULT_MAX_PIXELS, FileSource, ImageError, ImageSource, decode_rgb,
                             decode_rgb_within, no_usable_image)
-from ctxpred.nets import MEAN_RGB, PATCH
-from ctxpred.preprocess import crop_patches
-from ctxpred.surgery import fold_batchnorm, net_param_shapes, read_net_param
-from ctxpred.weights import read_weights
+from ctxpred.models.context import MEAN_RGB, PATCH
+from ctxpred.data.preprocess import crop_patches
+from ctxpred.weights.surgery import fold_batchnorm, net_param_shapes, read_net_param
+from ctxpred.weights.files import read_weights
 
 PATCH_MODES = ("random", "grid")
 
@@ -85,11 +85,11 @@ class WeightMismatchError(ValueError):
 
 
 def read_deploy_param(path):
-    """The NetParameter of a deploy prototxt (see ctxpred.surgery.read_net_param).
+    """The NetParameter of a deploy prototxt (see ctxpred.weights.surgery.read_net_param).
 
     Raises ValueError naming the file when it has no Input layer, or when
     Caffe cannot build it (checked in a child process,
-    :func:`ctxpred.surgery.net_param_shapes`: building it here would abort).
+    :func:`ctxpred.weights.surgery.net_param_shapes`: building it here would abort).
     """
     param = read_net_param(path)
     if sum(layer.type == "Input" for layer in param.layer) != 1:
@@ -160,7 +160,7 @@ def fit_weights(net, param, weights, source, target, reshaped=frozenset()):
     """Copy ``weights`` into ``net`` after checking every parameter layer against them.
 
     net: pycaffe Net of NetParameter ``param``, computing blob ``target``.
-    weights: {layer: [arrays]} (:func:`ctxpred.weights.read_weights`);
+    weights: {layer: [arrays]} (:func:`ctxpred.weights.files.read_weights`);
     source: how to name them in messages. reshaped: layers whose arrays may
     take the net's shape when the sizes agree (fc layers made convolutions).
 
@@ -214,15 +214,15 @@ class FeatureExtractor:
     (fc6 by default; the net is cut after it, so later layers need no
     weights). batch: patches per ``net.forward``. train_param: the
     NetParameter of the training net the weights come from (e.g.
-    :func:`ctxpred.nets.train_net`); its BatchNorm layers held by the weights
-    are folded into the layers before them (:func:`ctxpred.surgery.fold_batchnorm`),
+    :func:`ctxpred.models.context.train_net`); its BatchNorm layers held by the weights
+    are folded into the layers before them (:func:`ctxpred.weights.surgery.fold_batchnorm`),
     so a training snapshot gives the features of its TEST phase. When a
     BatchNorm layer has no statistics (scale factor 0: a fresh
     initialisation) none is folded and all are ignored, as are all BatchNorm
     layers without ``train_param``.
 
     Attributes: ``net`` (pycaffe Net, run on the device selected with
-    ctxpred.caffe_env.load_caffe), ``param`` (its NetParameter), ``patch``
+    ctxpred.caffe.env.load_caffe), ``param`` (its NetParameter), ``patch``
     (p, pixels), ``feature_shape`` (the blob's shape per patch, e.g. (4096,)
     or (256, 3, 3)), ``dim`` (its size D), ``stride`` (:func:`net_stride`
     of the blob, pixels), ``ignored_layers`` (weight layers the net does not
@@ -346,7 +346,7 @@ def sampled_patches(source: ImageSource, mode, per_image=16, seed=0,
     image's patches depend only on the seed and its index. mode "grid": the
     grid of :func:`grid_corners` with ``step`` pixels (default: the patch
     side, patches without overlap). Images are decoded upright and within
-    ``max_pixels`` (:func:`ctxpred.images.decode_rgb_within`; None: full
+    ``max_pixels`` (:func:`ctxpred.data.images.decode_rgb_within`; None: full
     size). Unusable images, and images smaller than a patch at their full
     size, yield an ImagePatches without patches whose ``skipped`` says why;
     when no image was usable, ValueError naming the source follows.

@@ -39,8 +39,8 @@ import cv2
 import numpy as np
 import scipy.sparse
 
-from ctxpred.caffe_env import import_caffe
-from ctxpred.images import ImageError, decode_rgb, open_source
+from ctxpred.caffe.env import import_caffe
+from ctxpred.data.images import ImageError, decode_rgb, open_source
 
 BASES = ("elwise", "pca", "zca", "kmeans", "rand")
 FAST_PREFIX = "fast_"
@@ -229,8 +229,8 @@ def build_net(caffe, net_param):
 def image_batches(source, batch_size, batches, size, scale=1.0, rng=None, log=print):
     """``batches`` float32 arrays (batch_size, 3, H, W) of images from ``source``.
 
-    ``source`` is an :class:`ctxpred.images.ImageSource` or what
-    :func:`ctxpred.images.open_source` opens (a glob, folder, list file,
+    ``source`` is an :class:`ctxpred.data.images.ImageSource` or what
+    :func:`ctxpred.data.images.open_source` opens (a glob, folder, list file,
     LMDB); ``size`` is (H, W). Images are drawn in a random order (``rng``, a
     numpy Generator; default seed 0), repeated when there are fewer than
     batches * batch_size, each resized to H x W (aspect ratio not kept:

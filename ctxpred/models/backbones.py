@@ -18,7 +18,7 @@ filler, zeros, which is what magic init looks for. fc6 differs from the
 context nets' fc6 (9216 = 6x6x256, resp. 25088 = 7x7x512 inputs against
 2304 resp. 4608): that is why the "no fc6" models exist.
 """
-from ctxpred.caffe_env import import_caffe
+from ctxpred.caffe.env import import_caffe
 
 CAFFENET_SIDE = 227
 VGG16_SIDE = 224

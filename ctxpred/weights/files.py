@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ctxpred.caffe_env import import_caffe
+from ctxpred.caffe.env import import_caffe
 
 
 class WeightFileError(ValueError):

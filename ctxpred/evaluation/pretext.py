@@ -6,15 +6,15 @@ images with 256 pairs each (38.4% on VOC 2007; chance 12.5%). Here:
 - :func:`sample_eval_pairs` draws those pairs: per image, one decode, one
   random resize and ``pairs_per_image`` pairs in the paper's pair mode, cut
   and preprocessed exactly as in training. It drives a
-  :class:`ctxpred.batching.BatchAssembler` per image, so the input
+  :class:`ctxpred.data.batching.BatchAssembler` per image, so the input
   distribution (resampling probability, colour handling, noise, geometry) and
   the skipping of unusable images are the training code's own.
-- :func:`scoring_net` is ``ctxpred.nets.train_net``'s definition with its
+- :func:`scoring_net` is ``ctxpred.models.context.train_net``'s definition with its
   Python data layer replaced by an ``Input`` layer (tops data, select1,
   select2, label), so the tower and the pair head are reused, not copied;
   :func:`load_scoring_net` instantiates it in Caffe's TEST phase, where
   BatchNorm uses its stored statistics, and loads weights that must match
-  it layer by layer (read with :func:`ctxpred.weights.read_weights`).
+  it layer by layer (read with :func:`ctxpred.weights.files.read_weights`).
 - :func:`relative_position_scores` runs the batches through it and collects
   the argmax of fc9 per pair.
 - :func:`accuracy_with_interval` (Wilson score interval),
@@ -41,14 +41,14 @@ from statistics import NormalDist
 import numpy as np
 from matplotlib.figure import Figure
 
-from ctxpred.batching import BatchAssembler, PatchPairConfig
-from ctxpred.caffe_env import import_caffe
-from ctxpred.images import ImageSource, open_source
-from ctxpred.layers import parse_param_str
-from ctxpred.nets import PATCH, NetOptions, data_layer_params, train_net
-from ctxpred.sampling import NUM_LABELS
-from ctxpred.surgery import FIRST, load_params
-from ctxpred.weights import read_weights
+from ctxpred.data.batching import BatchAssembler, PatchPairConfig
+from ctxpred.caffe.env import import_caffe
+from ctxpred.data.images import ImageSource, open_source
+from ctxpred.data.layer import parse_param_str
+from ctxpred.models.context import PATCH, NetOptions, data_layer_params, train_net
+from ctxpred.data.sampling import NUM_LABELS
+from ctxpred.weights.surgery import FIRST, load_params
+from ctxpred.weights.files import read_weights
 
 # Position of the second patch relative to the first, by label (raster order, centre left out).
 POSITION_NAMES = ("up-left", "up", "up-right", "left", "right", "down-left", "down", "down-right")
@@ -154,7 +154,7 @@ def sample_eval_pairs(source: ImageSource | str, n_images: int | None, pairs_per
                       seed: int, config: PatchPairConfig) -> EvalPairs:
     """Deterministic evaluation pairs, ``pairs_per_image`` from each of up to ``n_images`` images.
 
-    source: an ImageSource, or a spec for :func:`ctxpred.images.open_source`.
+    source: an ImageSource, or a spec for :func:`ctxpred.data.images.open_source`.
     n_images: how many images, drawn without replacement in a random order
     fixed by ``seed`` (all images when None or larger than the source).
     config: the net's training data configuration (:func:`eval_config`); its
@@ -164,7 +164,7 @@ def sample_eval_pairs(source: ImageSource | str, n_images: int | None, pairs_per
     generator is seeded by (seed, image index).
 
     Images that cannot be decoded, or are too small after the random resize,
-    are skipped with a :class:`ctxpred.batching.SkippedImageWarning` each and
+    are skipped with a :class:`ctxpred.data.batching.SkippedImageWarning` each and
     listed in the result's ``skipped``.
     """
     if isinstance(source, str):
@@ -211,7 +211,7 @@ def load_scoring_net(net_name: str, weights: str, options: NetOptions | None = N
     ``options`` None takes the pair-head layout from the weights (factorized
     when they hold ``fc7_first``).
 
-    Select the device (ctxpred.caffe_env.load_caffe) first. The weights must
+    Select the device (ctxpred.caffe.env.load_caffe) first. The weights must
     hold exactly the net's parameter layers with the net's shapes, as a
     snapshot of the matching train net does. Raises FileNotFoundError naming
     a missing weights file, and ValueError when the layers differ (wrong net,

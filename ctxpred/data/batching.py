@@ -22,15 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctxpred.images import ImageError, ImageSource, decode_rgb, no_usable_image, random_resize
-from ctxpred.preprocess import (
+from ctxpred.data.images import ImageError, ImageSource, decode_rgb, no_usable_image, random_resize
+from ctxpred.data.preprocess import (
     COLOUR_MODES,
     NOISE_DISTRIBUTIONS,
     apply_augmentations,
     crop_patches,
     draw_augmentations,
 )
-from ctxpred.sampling import PatchGeometry, sample_grid_pairs, sample_random_pair
+from ctxpred.data.sampling import PatchGeometry, sample_grid_pairs, sample_random_pair
 
 SAMPLING_MODES = ("grid", "pairs")
 _SAMPLERS = {"grid": sample_grid_pairs, "pairs": sample_random_pair}
@@ -235,7 +235,7 @@ class BatchAssembler:
         """Write one batch into ``out_data`` (max_patches, 3, p, p) float32.
 
         Rows [0, n_patches) receive preprocessed patches (see
-        ``ctxpred.preprocess``); the rest are left untouched.
+        ``ctxpred.data.preprocess``); the rest are left untouched.
         """
         config = self.config
         patch = config.geometry.patch

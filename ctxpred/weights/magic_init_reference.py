@@ -1,4 +1,4 @@
-"""The reference's magic init procedure, step by step: the yardstick for ctxpred.magic_init.
+"""The reference's magic init procedure, step by step: the yardstick for ctxpred.weights.magic_init.
 
 philkr/magic_init (Kraehenbuehl et al., ICLR 2016), as the public facts
 describe it, written plainly so that tests and ``benchmarks/magic_init.py``
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxpred.magic_init import (MEAN_BGR, PARAMETER_TYPES, ZERO_TOLERANCE, MagicInitError,
+from ctxpred.weights.magic_init import (MEAN_BGR, PARAMETER_TYPES, ZERO_TOLERANCE, MagicInitError,
                                 input_size)
 
 STRIPPED = ("Softmax", "SoftmaxWithLoss", "SigmoidCrossEntropyLoss")
@@ -224,7 +224,7 @@ def run(caffe, prototxt, images, output, batch_size=16, iterations=10, seed=0,
     ``numpy.random.default_rng(seed)``. Writes the net's weights to
     ``output`` (Caffe's binary format) and returns the initialised layers.
     """
-    from ctxpred.surgery import read_net_param
+    from ctxpred.weights.surgery import read_net_param
 
     with tempfile.TemporaryDirectory() as folder:
         list_file = write_list_file(images, Path(folder, "images.txt"))

@@ -1,11 +1,11 @@
 """One VOC07 classification fine-tuning run in stock Caffe, in one run folder.
 
-The route (:mod:`ctxpred.classification`, :mod:`ctxpred.classification_nets`):
+The route (:mod:`ctxpred.classification.data`, :mod:`ctxpred.models.classification`):
 
 1. initial weights (:func:`prepare_init`): from a context-prediction model,
    the detection path's preparation (fold BatchNorm, conv layers by name,
    conv1 to BGR, magic init -cs with fc6 and above from data:
-   :func:`ctxpred.detection_init.prepare_detection_init`); without one
+   :func:`ctxpred.detection.init_weights.prepare_detection_init`); without one
    ("random"), magic init -cs of every layer from data. Either on the
    groupless CaffeNet (AlexNet-style nets) or VGG16;
 2. fine-tuning (:func:`train_classifier`) with the reference's solver,
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxpred.classification import (IGNORE_LABEL, average_precision, bootstrap_interval,
+from ctxpred.classification.data import (IGNORE_LABEL, average_precision, bootstrap_interval,
                                     crop_scores, mean_average_precision, read_split)
-from ctxpred.classification_nets import (BATCH_SIZE, ITERATIONS, SIDES, architecture_for,
+from ctxpred.models.classification import (BATCH_SIZE, ITERATIONS, SIDES, architecture_for,
                                          deploy_net, solver_text, train_net)
-from ctxpred.training import STOP_FILES, StopRequests, latest_snapshot
+from ctxpred.training.loop import STOP_FILES, StopRequests, latest_snapshot
 
 TRAIN_LOG_COLUMNS = ("iter", "loss", "lr", "step_s")
 DETECTION_DEPLOY = {"caffenet": "groupless_caffenet.prototxt", "vgg16": "vgg16.prototxt"}
@@ -92,11 +92,11 @@ def prepare_init(caffe, run_dir, run, weights=None, images=None, log=print):
     ``images``: what magic init reads (default: the train split's images);
     16 x 10 of them, seed ``run.seed``.
     """
-    from ctxpred.detection_init import origin_lines, prepare_detection_init
-    from ctxpred.magic_init import (NetUnderInit, analysis_net, build_net, image_batches,
+    from ctxpred.detection.init_weights import origin_lines, prepare_detection_init
+    from ctxpred.weights.magic_init import (NetUnderInit, analysis_net, build_net, image_batches,
                                     input_size, summary_lines)
-    from ctxpred.surgery import read_net_param
-    from ctxpred.weights import write_weights
+    from ctxpred.weights.surgery import read_net_param
+    from ctxpred.weights.files import write_weights
 
     run_dir = Path(run_dir)
     out = run_dir / "init.caffemodel"
@@ -104,7 +104,7 @@ def prepare_init(caffe, run_dir, run, weights=None, images=None, log=print):
         log(f"initial weights: {out} (already there)")
         return out
     run_dir.mkdir(parents=True, exist_ok=True)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     deploy = repo / "prototxt" / DETECTION_DEPLOY[run.arch]
     if images is None:
         images = "\n".join(str(Path(path).resolve())

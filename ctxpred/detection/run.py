@@ -1,7 +1,7 @@
 """Train and test a Fast R-CNN detector in stock Caffe, in one run folder.
 
 A run (:class:`DetectorRun`) is the ctxpred variant of a Fast R-CNN net
-(:mod:`ctxpred.fast_rcnn`: RoIData, Python ROIPooling and SmoothL1Loss) on a
+(:mod:`ctxpred.models.fast_rcnn`: RoIData, Python ROIPooling and SmoothL1Loss) on a
 VOC-format dataset, trained by a Caffe SGD solver from initial weights, then
 scored on a test split with VOC average precision. The folder holds:
 
@@ -15,7 +15,7 @@ scored on a test split with VOC average precision. The folder holds:
   versions, mAP), ``precision_recall.png``.
 
 Ctrl-C, SIGTERM or a ``quit`` file in the folder stop training after the
-current step with a snapshot (:class:`ctxpred.training.StopRequests`).
+current step with a snapshot (:class:`ctxpred.training.loop.StopRequests`).
 """
 import json
 import time
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxpred.detection import (DetectionConfig, detect_dataset, read_classes,
+from ctxpred.detection.roidb import (DetectionConfig, detect_dataset, read_classes,
                                unnormalised_bbox_weights)
-from ctxpred.fast_rcnn import inference_net, train_net
-from ctxpred.roi_data import RoIData
-from ctxpred.surgery import load_weights_file
-from ctxpred.training import StopRequests, latest_snapshot
-from ctxpred.voc import evaluate_detections
+from ctxpred.models.fast_rcnn import inference_net, train_net
+from ctxpred.detection.roi_data import RoIData
+from ctxpred.weights.surgery import load_weights_file
+from ctxpred.training.loop import StopRequests, latest_snapshot
+from ctxpred.detection.voc import evaluate_detections
 
 TRAIN_LOG_COLUMNS = ("iter", "loss_cls", "loss_bbox", "step_s")
 
@@ -40,7 +40,7 @@ TRAIN_LOG_COLUMNS = ("iter", "loss_cls", "loss_bbox", "step_s")
 class DetectorRun:
     """Everything that defines a detector run (written to ``run.json``).
 
-    model: a :data:`ctxpred.fast_rcnn.MODEL_NAMES` net. init: caffemodel the
+    model: a :data:`ctxpred.models.fast_rcnn.MODEL_NAMES` net. init: caffemodel the
     training starts from (loaded by layer name); None keeps the prototxt's
     fillers. detection: :class:`DetectionConfig` fields that differ from
     Fast R-CNN's (e.g. smaller scales for a CPU). base_lr, stepsize, gamma,

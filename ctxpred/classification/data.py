@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ctxpred.images import ImageError, decode_rgb
-from ctxpred.voc import AnnotationError, image_path, read_dataset
+from ctxpred.data.images import ImageError, decode_rgb
+from ctxpred.detection.voc import AnnotationError, image_path, read_dataset
 
 IGNORE_LABEL = 255
 MEAN_BGR = (104.0, 117.0, 123.0)
@@ -44,7 +44,7 @@ class ClassificationError(ValueError):
 
 def read_class_list(root):
     """The class names of a VOC-layout dataset: ``classes.txt``, one a line."""
-    from ctxpred.detection import DatasetError, read_classes
+    from ctxpred.detection.roidb import DatasetError, read_classes
     try:
         return read_classes(root)
     except DatasetError as error:
@@ -172,7 +172,7 @@ def data_layer_param(root, split="trainval", batch_size=16, crop=227, seed=0,
 
 
 def _caffe_layer_base():
-    from ctxpred.caffe_env import import_caffe
+    from ctxpred.caffe.env import import_caffe
     return import_caffe().Layer
 
 

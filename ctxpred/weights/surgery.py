@@ -27,8 +27,8 @@ import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import Message
 
-from ctxpred.caffe_env import import_caffe, load_caffe
-from ctxpred.weights import read_weights
+from ctxpred.caffe.env import import_caffe, load_caffe
+from ctxpred.weights.files import read_weights
 
 FIRST, SECOND = "fc7_first", "fc7_second"
 
@@ -152,7 +152,7 @@ def net_param_shapes(net_param, source=None):
                 for name in ("weight_filler", "bias_filler"):
                     if name in value.DESCRIPTOR.fields_by_name:
                         value.ClearField(name)
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, GLOG_minloglevel="2",
                PYTHONPATH=os.pathsep.join(filter(None, [package_root,
                                                         os.environ.get("PYTHONPATH")])))
@@ -160,7 +160,7 @@ def net_param_shapes(net_param, source=None):
         path = Path(folder, "net.prototxt")
         path.write_text(str(without_fillers), encoding="utf-8")
         child = subprocess.run(
-            [sys.executable, "-c", "import sys; from ctxpred.surgery import "
+            [sys.executable, "-c", "import sys; from ctxpred.weights.surgery import "
              "_print_param_shapes; _print_param_shapes(sys.argv[1])", str(path)],
             capture_output=True, text=True, env=env)
     if child.returncode != 0 or not child.stdout.strip():
@@ -173,7 +173,7 @@ def net_param_shapes(net_param, source=None):
 def _print_param_shapes(prototxt):
     """Child process of :func:`net_param_shapes`: build the net, print its shapes as JSON."""
     caffe = load_caffe()
-    from ctxpred.layers import close_data_layers  # imports pycaffe's Layer at module level
+    from ctxpred.data.layer import close_data_layers  # imports pycaffe's Layer at module level
     net = caffe.Net(prototxt, caffe.TEST)
     close_data_layers(net)
     print(json.dumps(param_shapes(net)))

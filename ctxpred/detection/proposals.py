@@ -94,7 +94,7 @@ def load_proposals(path, image_ids):
     path = Path(path)
     if not path.is_file():
         raise ProposalError(f"proposals file {path} does not exist; compute it with "
-                            "ctxpred.proposals.compute_proposals (data/make_detection_set.py "
+                            "ctxpred.detection.proposals.compute_proposals (data/make_detection_set.py "
                             "does for its set)")
     try:
         with np.load(path) as stored:

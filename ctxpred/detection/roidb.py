@@ -3,9 +3,9 @@
 The pieces of Fast R-CNN (Girshick, ICCV 2015) that live outside the net:
 the "roidb" (per image: ground truth plus proposals, their overlaps and
 regression targets), minibatch sampling, image blobs, box regression, and
-detection with per-class NMS. :mod:`ctxpred.roi_data` wraps the training
+detection with per-class NMS. :mod:`ctxpred.detection.roi_data` wraps the training
 side as a Caffe Python layer; :func:`detect_dataset` runs a test net over a
-split and :mod:`ctxpred.voc` scores it.
+split and :mod:`ctxpred.detection.voc` scores it.
 
 Conventions (those of Fast R-CNN's code): boxes inside this module are
 0-based pixel coordinates (x1, y1, x2, y2), inclusive, of the original
@@ -19,9 +19,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ctxpred.images import ImageError, decode_rgb_sized
-from ctxpred.proposals import load_proposals
-from ctxpred.voc import box_iou, image_path, nms, read_dataset
+from ctxpred.data.images import ImageError, decode_rgb_sized
+from ctxpred.detection.proposals import load_proposals
+from ctxpred.detection.voc import box_iou, image_path, nms, read_dataset
 
 
 class DatasetError(ValueError):
@@ -180,8 +180,8 @@ def flipped(entry):
 def build_roidb(dataset, split, proposals_path, classes, config=DetectionConfig()):
     """The roidb of a VOC-format split: one entry per image (twice with flips).
 
-    Missing or bad annotations and images raise ctxpred.voc.AnnotationError,
-    missing proposals ctxpred.proposals.ProposalError, each naming the file.
+    Missing or bad annotations and images raise ctxpred.detection.voc.AnnotationError,
+    missing proposals ctxpred.detection.proposals.ProposalError, each naming the file.
     """
     items = read_dataset(dataset, split, classes)
     proposals = load_proposals(proposals_path, [image_id for image_id, _ in items])
@@ -370,7 +370,7 @@ def detect_dataset(net, dataset, split, proposals_path, classes, config=Detectio
     """Detections of a test net over a split: {class name: [(image id, score, VOC box)]}.
 
     Also returns the annotations {image id: Annotation} for scoring with
-    ctxpred.voc.evaluate_detections.
+    ctxpred.detection.voc.evaluate_detections.
     """
     items = read_dataset(dataset, split, classes)
     proposals = load_proposals(proposals_path, [image_id for image_id, _ in items])

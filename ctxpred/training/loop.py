@@ -5,7 +5,7 @@
   stop and divergence messages), ``train.log`` (one
   tab-separated line per step, buffered and written every few seconds and on
   every stop) and ``training.png`` (redrawn on a wall-clock interval from a
-  running summary; see ctxpred.trainlog).
+  running summary; see ctxpred.training.log).
 - Resume: the newest ``model_iter_N.solverstate`` in the folder is restored;
   train.log rows after its iteration are dropped.
 - Stop cleanly: SIGINT / SIGTERM, or a file named ``pause`` or ``quit`` in the
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxpred.exits import DIVERGED
-from ctxpred.layers import PatchPairData, close_data_layers
-from ctxpred.nets import NetOptions, data_layer_params, solver_text, train_net
-from ctxpred.surgery import read_solver_param
-from ctxpred.trainlog import LOG_COLUMNS, TrainLog, plot_log, plot_summary, read_log  # noqa: F401
+from ctxpred.cli import DIVERGED
+from ctxpred.data.layer import PatchPairData, close_data_layers
+from ctxpred.models.context import NetOptions, data_layer_params, solver_text, train_net
+from ctxpred.weights.surgery import read_solver_param
+from ctxpred.training.log import LOG_COLUMNS, TrainLog, plot_log, plot_summary, read_log  # noqa: F401
 
 STOP_FILES = ("pause", "quit")
 _SNAPSHOT = re.compile(r"model_iter_(\d+)\.solverstate$")
@@ -221,8 +221,8 @@ def recompute_batchnorm_statistics(caffe, train_prototxt, weights, out, batches=
     forward passes of ``train_prototxt`` (its own data layer) under the
     final weights, without any update.
     """
-    from ctxpred.surgery import load_params
-    from ctxpred.weights import read_weights
+    from ctxpred.weights.surgery import load_params
+    from ctxpred.weights.files import read_weights
 
     net = caffe.Net(str(train_prototxt), caffe.TRAIN)
     try:
@@ -267,7 +267,7 @@ def choose_device(request, status):
     """Pick the device for a run: ``(gpu id or None, one line saying which and why)``.
 
     request: "auto" (the GPU when usable, else the CPU), "gpu" or "cpu".
-    status: ``ctxpred.caffe_env.gpu_status()`` (``.usable``, ``.reason``).
+    status: ``ctxpred.caffe.env.gpu_status()`` (``.usable``, ``.reason``).
     Raises ValueError for "gpu" when no GPU is usable, naming the reason.
     """
     if request not in ("auto", "gpu", "cpu"):
@@ -318,7 +318,7 @@ class TrainingLoop:
     Each :meth:`step` runs ``solver.step(1)``, builds the train.log row from
     blobs looked up once (their shapes, never a copy of their data), runs the
     divergence watch (its checks every ``watch_every`` steps), buffers the row
-    in :class:`ctxpred.trainlog.TrainLog` (written every ``flush_seconds``)
+    in :class:`ctxpred.training.log.TrainLog` (written every ``flush_seconds``)
     and redraws training.png from the log's running summary when
     ``plot_seconds`` of wall clock have passed (None: only on :meth:`close`).
     ``close`` flushes the log; call it on every stop.
@@ -403,7 +403,7 @@ def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_second
     exception); training.png is redrawn every ``plot_seconds`` and at the
     end. On resume, train.log rows after the restored iteration are dropped.
 
-    Snapshots (ctxpred.snapshots: atomic, verified on resume) are written
+    Snapshots (ctxpred.training.snapshots: atomic, verified on resume) are written
     every ``snapshot_every`` steps (None: the solver file's ``snapshot``
     value), every ``snapshot_minutes`` of wall clock (None: never) and when
     training stops; the newest ``keep`` pairs are kept. A failed step (data
@@ -416,7 +416,7 @@ def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_second
     Raises DivergenceError after leaving the last good snapshot in place,
     SnapshotError when a snapshot cannot be written.
     """
-    from ctxpred import snapshots
+    from ctxpred.training.loop import snapshots
     run_dir = Path(run_dir)
     caffe_pb2 = importlib.import_module("caffe.proto.caffe_pb2")
     show = log
@@ -466,7 +466,7 @@ def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_second
 
 def _run(solver, run_dir, max_iter, time_budget_s, plot_seconds, flush_seconds,
          snapshot_every, snapshot_minutes, keep, progress, log, caffe_pb2, start_iter):
-    from ctxpred import snapshots
+    from ctxpred.training.loop import snapshots
     net = solver.net
     loop = None
     started, reason = time.monotonic(), "max_iter"

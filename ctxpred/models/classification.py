@@ -1,6 +1,6 @@
-"""Nets and solvers of VOC07 classification fine-tuning (ctxpred.classification), by NetSpec.
+"""Nets and solvers of VOC07 classification fine-tuning (ctxpred.classification.data), by NetSpec.
 
-The towers are the detection path's deploy nets (ctxpred.detection_nets):
+The towers are the detection path's deploy nets (ctxpred.models.backbones):
 the groupless CaffeNet (227 x 227) for the AlexNet-style context nets and
 VGG16 (224 x 224) for the VGG-style one, up to drop7; on top ``fc8_cls``
 (one output per class, N(0, 0.01) weights and bias 0.1, as the reference
@@ -13,7 +13,7 @@ re-initialises it). Modes (which layers train, the reference's
 
 Trained layers get lr_mult 1 / 2 (weights / bias) and decay_mult 1, frozen
 ones 0. The train net reads the data with the Python layer
-``ctxpred.classification.VocClassificationData`` and ends in Caffe's
+``ctxpred.classification.data.VocClassificationData`` and ends in Caffe's
 SigmoidCrossEntropyLoss (ignore_label 255, normalization BATCH_SIZE); the
 deploy net takes ``data`` (N, 3, side, side) and answers ``fc8_cls``.
 
@@ -21,9 +21,9 @@ Solver (the reference's train_cls.py): SGD, base_lr 0.001, momentum 0.9,
 lr x0.5 every 10000 iterations, weight decay 1e-6, gradient clipping 10,
 80000 iterations, batch 16.
 """
-from ctxpred.caffe_env import import_caffe
-from ctxpred.classification import IGNORE_LABEL, data_layer_param
-from ctxpred.detection_nets import CAFFENET_SIDE, VGG16_SIDE, caffenet_deploy, vgg16_deploy
+from ctxpred.caffe.env import import_caffe
+from ctxpred.classification.data import IGNORE_LABEL, data_layer_param
+from ctxpred.models.backbones import CAFFENET_SIDE, VGG16_SIDE, caffenet_deploy, vgg16_deploy
 
 ARCHITECTURES = ("caffenet", "vgg16")
 SIDES = {"caffenet": CAFFENET_SIDE, "vgg16": VGG16_SIDE}
@@ -99,7 +99,7 @@ def train_net(arch, mode, root=DEFAULT_ROOT, split="trainval", classes=VOC_CLASS
     caffe = import_caffe()
     proto = _tower(arch, batch_size)
     data = caffe.layers.Python(ntop=2, python_param=dict(
-        module="ctxpred.classification", layer="VocClassificationData",
+        module="ctxpred.classification.data", layer="VocClassificationData",
         param_str=data_layer_param(root, split, batch_size, SIDES[arch], seed)))
     n = caffe.NetSpec()
     n.data, n.label = data

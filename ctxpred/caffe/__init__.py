@@ -1,0 +1,1 @@
+"""Caffe itself: the one place pycaffe is imported (``env``), CPU or GPU selection."""

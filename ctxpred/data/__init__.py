@@ -1,0 +1,4 @@
+"""Training data: image sources and decoding (``images``), patch-pair positions
+(``sampling``), per-patch preprocessing (``preprocess``), batch assembly
+(``batching``), prefetching workers (``prefetch``) and the ``PatchPairData``
+Caffe layer (``layer``)."""
