@@ -15,7 +15,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from ctxpred.weights.files import magic_init_reference as reference
+from ctxpred.weights import magic_init_reference as reference
 from ctxpred.data.layer import close_data_layers
 from ctxpred.weights.magic_init import (MEAN_BGR, TYPES, MagicInitError, NetUnderInit, analysis_net,
                                 build_net, image_batches, input_size)

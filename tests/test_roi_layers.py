@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from ctxpred.detection.roidb import roi_layers
+from ctxpred.detection import roi_layers
 from ctxpred.detection.roi_layers import (parse_roi_pooling_params, parse_smooth_l1_params,
                                 roi_pool_backward, roi_pool_forward, smooth_l1_loss)
 

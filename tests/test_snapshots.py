@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxpred.training.loop import snapshots
+from ctxpred.training import snapshots
 from ctxpred.data.layer import close_data_layers
 from ctxpred.training.loop import RunConfig, latest_snapshot, read_log, train, write_run_files
 

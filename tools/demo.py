@@ -72,7 +72,7 @@ def save_initial_weights(caffe, solver_path, path):
 
 
 def evaluate(weights, heldout, n_images, pairs_per_image, seed, out_png, title):
-    from ctxpred.evaluation.pretext import pretext as evaluation
+    from ctxpred.evaluation import pretext as evaluation
     net = evaluation.load_scoring_net("color_dropping", str(weights))
     pairs = evaluation.sample_eval_pairs(heldout, n_images, pairs_per_image, seed,
                                          evaluation.eval_config("color_dropping"))

@@ -59,7 +59,7 @@ def main(argv=None):
     args = parse_args(argv)
     load_caffe(gpu=args.gpu)
     # Imported only once the arguments are valid: it loads pycaffe.
-    from ctxpred.evaluation.pretext import pretext as evaluation
+    from ctxpred.evaluation import pretext as evaluation
 
     try:
         # The pair-head layout (reference or factorized) is read off the weights.

@@ -120,7 +120,7 @@ def main(argv=None):
     except CaffeNotAvailable as error:
         return fail(error)
     # Imported once the arguments are valid: it loads pycaffe.
-    from ctxpred.features.extraction import extraction as features
+    from ctxpred.features import extraction as features
     from ctxpred.data.images import open_source
 
     try:

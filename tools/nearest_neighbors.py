@@ -110,7 +110,7 @@ def parse_args(argv):
 
 def extract(source, args, net, weights, path):
     """Write the features of the sampled patches of ``source`` with one net to HDF5 ``path``."""
-    from ctxpred.features.extraction import extraction as features
+    from ctxpred.features import extraction as features
 
     extractor = features.FeatureExtractor(REPO / "prototxt" / net / "deploy.prototxt", weights,
                                           args.layer, args.batch, train_param=snapshot_param(net))

@@ -416,7 +416,7 @@ def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_second
     Raises DivergenceError after leaving the last good snapshot in place,
     SnapshotError when a snapshot cannot be written.
     """
-    from ctxpred.training.loop import snapshots
+    from ctxpred.training import snapshots
     run_dir = Path(run_dir)
     caffe_pb2 = importlib.import_module("caffe.proto.caffe_pb2")
     show = log
@@ -466,7 +466,7 @@ def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_second
 
 def _run(solver, run_dir, max_iter, time_budget_s, plot_seconds, flush_seconds,
          snapshot_every, snapshot_minutes, keep, progress, log, caffe_pb2, start_iter):
-    from ctxpred.training.loop import snapshots
+    from ctxpred.training import snapshots
     net = solver.net
     loop = None
     started, reason = time.monotonic(), "max_iter"
