@@ -11,10 +11,13 @@
 ====  ==========================================================================
 
 Every error is one line on stderr starting with ``error:``, naming the file
-(and layer or value) at fault; no traceback.
+(and layer or value) at fault; no traceback. Below the convention: the flags
+most tools share (images, weights, net/deploy, seed, gpu), written once.
 """
+import argparse
 import sys
 import warnings
+from pathlib import Path
 
 DONE, FAILED, BAD_INPUT, DIVERGED, INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -55,3 +58,69 @@ def run_tool(main, argv=None):
         return fail(error, exit_code(error))
     except KeyboardInterrupt:
         return fail("interrupted", INTERRUPTED)
+
+
+# The flags most tools share, written once. Each adds one flag with its help text.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tool_parser(doc):
+    """An ArgumentParser whose --help shows the tool's module docstring as written."""
+    return argparse.ArgumentParser(description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def existing_file(text):
+    """argparse type: the path of a file that exists (bad input otherwise: exit 2)."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"file {text} does not exist")
+    return text
+
+
+def add_images(parser, required=True, default=None, extra=""):
+    parser.add_argument("--images", required=required, default=default,
+                        help="images: folder (recursive), glob, image file, list file or Caffe "
+                             "LMDB" + extra + ("" if default is None else " (default: %(default)s)"))
+
+
+def add_weights(parser, multiple=False, extra=""):
+    parser.add_argument("--weights", required=True, type=existing_file,
+                        nargs="+" if multiple else None,
+                        help="caffemodel (binary or HDF5 .h5)" + extra)
+
+
+def add_net(parser, deploy=True):
+    """--net (one of the released architectures) and, with ``deploy``, --deploy to override
+    the deploy prototxt it picks; resolve them with :func:`deploy_prototxt`."""
+    from ctxpred.models.context import NET_NAMES
+    parser.add_argument("--net", choices=NET_NAMES, default="color_dropping",
+                        help="architecture: picks prototxt/<net>/deploy.prototxt of this "
+                             "checkout (default: %(default)s)")
+    if deploy:
+        parser.add_argument("--deploy", default=None, type=existing_file,
+                            help="deploy prototxt to use instead of the one --net picks")
+
+
+def deploy_prototxt(net, deploy=None):
+    """The deploy prototxt a tool uses: ``deploy`` if given, else prototxt/<net>/deploy.prototxt."""
+    return str(deploy or REPO / "prototxt" / net / "deploy.prototxt")
+
+
+def add_seed(parser, what="random choices"):
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"seed of the {what}; the same seed gives the same result "
+                             "(default: %(default)s)")
+
+
+def add_gpu(parser):
+    parser.add_argument("--gpu", type=int, default=None, metavar="DEVICE",
+                        help="CUDA device to run the net on (default: the CPU)")
