@@ -30,6 +30,7 @@ setup(
         "onnx>=1.17",            # tools/export_onnx.py; the first releases built for numpy 2
         "onnxruntime>=1.19",
         "hnswlib>=0.8",          # approximate nearest neighbours (ctxpred.features.search)
+        "scikit-learn>=1.3",     # frozen-feature protocols (ctxpred.evaluation.protocols)
     ],
     extras_require={"test": ["pytest>=7"]},
     classifiers=[
