@@ -1,5 +1,6 @@
-"""Maximal activations: streaming top-k, receptive fields from the prototxt, the tool end to end."""
-import importlib.util
+"""Maximal activations: streaming top-k, receptive fields from the prototxt, the run end to end."""
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -11,6 +12,7 @@ from PIL import Image
 from ctxpred.figures.activations import (ReceptiveField, StreamingTopK, masked_patch, receptive_fields,
                                  unit_activations)
 from ctxpred.features.extraction import read_deploy_param
+from ctxpred.figures.max_activations import MaxActivationSettings, max_activations
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "max_activations.py"
@@ -112,14 +114,6 @@ def parsed(page):
 
 
 @pytest.fixture(scope="module")
-def tool_main():
-    spec = importlib.util.spec_from_file_location("max_activations", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.fixture(scope="module")
 def weights(caffe, tmp_path_factory):
     """The colour-dropping deploy net with seeded random (He-scaled) weights and biases."""
     net = caffe.Net(DEPLOY, caffe.TEST)
@@ -133,14 +127,15 @@ def weights(caffe, tmp_path_factory):
     return str(path)
 
 
-def run(tool_main, weights, photo_folder, out, patches):
-    tool_main(["--weights", weights, "--images", str(photo_folder), "--layers",
-               "conv1,conv5,fc6", "--patches", str(patches), "--units", "4", "--batch", "8",
-               "--chunk", "16", "--out", str(out)])
+def run(weights, photo_folder, out, patches, seed=0):
+    return max_activations(MaxActivationSettings(
+        weights=weights, images=str(photo_folder), deploy=DEPLOY, out=str(out), patches=patches,
+        layers=("conv1", "conv5", "fc6"), units=4, batch=8, chunk=16, seed=seed))
 
 
-def test_tool_writes_pages_and_resumes(tool_main, weights, photo_folder, tmp_path, capsys):
-    run(tool_main, weights, photo_folder, tmp_path / "once", 64)
+def test_run_writes_pages_and_resumes(weights, photo_folder, tmp_path):
+    index, seen = run(weights, photo_folder, tmp_path / "once", 64)
+    assert index == tmp_path / "once" / "index.html" and seen == 64
     index = tmp_path / "once" / "index.html"
     assert {Path(unquote(url)).name for url in parsed(index).links} == {
         "conv1.html", "conv5.html", "fc6.html"}
@@ -162,10 +157,10 @@ def test_tool_writes_pages_and_resumes(tool_main, weights, photo_folder, tmp_pat
             outside[top:bottom, left:right] = False
             assert not pixels[outside].any() and pixels[~outside].any()
     # Half the patches, then all of them, into one folder: the same top 9 as one run.
-    run(tool_main, weights, photo_folder, tmp_path / "twice", 32)
+    run(weights, photo_folder, tmp_path / "twice", 32)
     with np.load(tmp_path / "twice" / "state.npz") as state:
         assert int(state["fc6/seen"]) == 32
-    run(tool_main, weights, photo_folder, tmp_path / "twice", 64)
+    run(weights, photo_folder, tmp_path / "twice", 64)
     with np.load(tmp_path / "once" / "state.npz") as once, \
             np.load(tmp_path / "twice" / "state.npz") as twice:
         for layer in ("conv1", "conv5", "fc6"):
@@ -174,7 +169,22 @@ def test_tool_writes_pages_and_resumes(tool_main, weights, photo_folder, tmp_pat
             np.testing.assert_allclose(twice[f"{layer}/values"], once[f"{layer}/values"],
                                        rtol=1e-5)
     # Another seed into the same folder: refused, the state is left alone.
-    assert tool_main(["--weights", weights, "--images", str(photo_folder), "--layers",
-                      "conv1,conv5,fc6", "--patches", "64", "--units", "4", "--seed", "1",
-                      "--out", str(tmp_path / "twice")]) == 2
-    assert "another seed" in capsys.readouterr().err
+    state = (tmp_path / "twice" / "state.npz").read_bytes()
+    with pytest.raises(ValueError, match="another seed"):
+        run(weights, photo_folder, tmp_path / "twice", 64, seed=1)
+    assert (tmp_path / "twice" / "state.npz").read_bytes() == state
+
+
+def test_tool_command_line(weights, photo_folder, tmp_path):
+    """The tool's flags reach the run; a state of another seed is bad input (exit 2)."""
+    flags = [sys.executable, str(TOOL), "--weights", weights, "--images", str(photo_folder),
+             "--layers", "conv1,fc6", "--patches", "16", "--units", "2", "--batch", "8",
+             "--out", str(tmp_path)]
+    done = subprocess.run(flags, capture_output=True, text=True)
+    assert done.returncode == 0 and "(2 layers, 16 patches)" in done.stdout, done.stderr
+    assert {path.name for path in tmp_path.glob("*.html")} == {"conv1.html", "fc6.html",
+                                                                "index.html"}
+    refused = subprocess.run(flags + ["--seed", "1"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "another seed" in refused.stderr
+    assert "--layers" in subprocess.run([sys.executable, str(TOOL), "--help"],
+                                        capture_output=True, text=True, check=True).stdout
