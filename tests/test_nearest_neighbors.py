@@ -1,5 +1,4 @@
-"""The nearest-neighbour page: escaping, relative links, shared patch files, the tool end to end."""
-import importlib.util
+"""The nearest-neighbour page: escaping, relative links, shared patch files, the run end to end."""
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ctxpred.figures.neighbours import NeighbourFigureSettings, nearest_neighbour_figure
 from ctxpred.figures.pages import PatchStore, ShownPatch, neighbours_page
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,11 +89,12 @@ def test_page_escapes_names_links_relatively_and_shares_patches(tmp_path, rng):
     assert store.add(patches[0].copy()) == resolve(first, parsed(first).sources[0])
 
 
-def tool_main():
-    spec = importlib.util.spec_from_file_location("nearest_neighbors", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+def figure_of(images, weights, out, labels=None, **options):
+    """nearest_neighbour_figure of colour-dropping ``weights`` (paths), labelled by file name."""
+    return nearest_neighbour_figure(NeighbourFigureSettings(
+        images=str(images), weights=tuple(weights), deploys=(DEPLOY,) * len(weights),
+        nets=("color_dropping",) * len(weights),
+        labels=tuple(labels or (Path(path).stem for path in weights)), out=str(out), **options))
 
 
 @pytest.fixture(scope="module")
@@ -115,20 +116,20 @@ def weight_files(caffe, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def figure(weight_files, photo_folder, tmp_path_factory):
-    """The tool's output on the four photos plus one named <b>x</b>.jpg: (index.html, photos)."""
+    """The figure of the four photos plus one named <b>x</b>.jpg: (index.html, photos)."""
     photos = tmp_path_factory.mktemp("nasty")
     for path in photo_folder.iterdir():
         shutil.copy(path, photos / path.name)
     (photos / "<b>x<").mkdir()
     shutil.copy(photo_folder / "coffee.jpg", photos / NASTY)
     out = tmp_path_factory.mktemp("figure") / "nn"
-    tool_main()(["--images", str(photos), "--queries", "4", "--k", "3",
-                 "--weights", *weight_files, "--labels", "random <a>", "random <b>",
-                 "--patches-per-image", "3", "--seed", "2", "--batch", "8", "--out", str(out)])
-    return out / "index.html", photos
+    page, queries = figure_of(photos, weight_files, out, ["random <a>", "random <b>"], queries=4,
+                              k=3, patches_per_image=3, seed=2, batch=8)
+    assert page == out / "index.html" and queries == 4
+    return page, photos
 
 
-def test_tool_writes_the_figure(figure):
+def test_run_writes_the_figure(figure):
     page, photos = figure
     text = page.read_text(encoding="utf-8")
     links = parsed(page)
@@ -147,22 +148,33 @@ def test_tool_writes_the_figure(figure):
     assert len(files) == len({title for row in rows for title in row}) < len(links.sources)
 
 
-def test_tool_with_the_approximate_index_and_one_image(figure, weight_files, tmp_path,
-                                                       capsys):
+def test_run_with_the_approximate_index_and_one_image(figure, weight_files, tmp_path):
     _, photos = figure
-    out = tmp_path / "hnsw"
-    tool_main()(["--images", str(photos), "--queries", "5", "--k", "4", "--weights",
-                 weight_files[0], "--patches-per-image", "4", "--exact-threshold", "10",
-                 "--out", str(out)])  # 20 patches > 10: HNSW
-    page = out / "index.html"
+    page, _ = figure_of(photos, weight_files[:1], tmp_path / "hnsw", queries=5, k=4,
+                        patches_per_image=4, exact_threshold=10)  # 20 patches > 10: HNSW
     assert "approximate (HNSW) search" in page.read_text(encoding="utf-8")
     rows = [row for row in parsed(page).rows if row]
     assert len(rows) == 5 and all(len(row) == 5 for row in rows)
     for row in rows:
         assert image_of(row[0]) not in {image_of(title) for title in row[1:]}
-    assert tool_main()(["--images", str(photos / "coffee.jpg"), "--weights", weight_files[0],
-                        "--out", str(tmp_path / "one")]) == 2
-    assert "at least 2 images" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least 2 images"):
+        figure_of(photos / "coffee.jpg", weight_files[:1], tmp_path / "one")
+
+
+def test_tool_command_line(weight_files, photo_folder, tmp_path):
+    """The tool's flags reach the figure; one image is bad input (exit 2)."""
+    done = subprocess.run(
+        [sys.executable, str(TOOL), "--images", str(photo_folder), "--queries", "2", "--k", "2",
+         "--weights", *weight_files, "--net", "color_dropping", "--labels", "a", "b",
+         "--patches-per-image", "2", "--out", str(tmp_path / "nn")],
+        capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "(2 queries, 2 neighbours, 2 nets)" in done.stdout
+    assert (tmp_path / "nn" / "index.html").is_file()
+    one = subprocess.run([sys.executable, str(TOOL), "--images", str(photo_folder / "coffee.jpg"),
+                          "--weights", weight_files[0], "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True)
+    assert one.returncode == 2 and "at least 2 images" in one.stderr
 
 
 def test_page_renders_in_headless_chromium(figure, tmp_path, chromium):
