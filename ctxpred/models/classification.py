@@ -1,8 +1,9 @@
 """Nets and solvers of VOC07 classification fine-tuning (ctxpred.classification.data), by NetSpec.
 
-The towers are the detection path's deploy nets (ctxpred.models.backbones):
-the groupless CaffeNet (227 x 227) for the AlexNet-style context nets and
-VGG16 (224 x 224) for the VGG-style one, up to drop7; on top ``fc8_cls``
+The towers are the detection path's deploy nets, built by the same
+ctxpred.models.backbones functions: the groupless CaffeNet (227 x 227) for
+the AlexNet-style context nets and VGG16 (224 x 224) for the VGG-style one,
+up to drop7; on top ``fc8_cls``
 (one output per class, N(0, 0.01) weights and bias 0.1, as the reference
 re-initialises it). Modes (which layers train, the reference's
 ``--train-from``):
@@ -23,14 +24,19 @@ lr x0.5 every 10000 iterations, weight decay 1e-6, gradient clipping 10,
 """
 from ctxpred.caffe.env import import_caffe
 from ctxpred.classification.data import IGNORE_LABEL, data_layer_param
-from ctxpred.models.backbones import CAFFENET_SIDE, VGG16_SIDE, caffenet_deploy, vgg16_deploy
+from ctxpred.models.backbones import (CAFFENET_CONV_NAMES, CAFFENET_SIDE, FC_NAMES,
+                                      VGG16_CONV_NAMES, VGG16_SIDE, Learning, caffenet_convs,
+                                      fc6_fc7, image_input, inner_product, vgg16_convs)
 
 ARCHITECTURES = ("caffenet", "vgg16")
 SIDES = {"caffenet": CAFFENET_SIDE, "vgg16": VGG16_SIDE}
 MODES = ("fc8", "fc", "all")
 FIRST_TRAINED = {"fc8": "fc8_cls", "fc": "fc6", "all": None}  # None: the first layer
 CLASSIFIER = "fc8_cls"
-LAST_TOWER_LAYER = "drop7"
+PARAMETER_LAYERS = {arch: convs + FC_NAMES + (CLASSIFIER,) for arch, convs in
+                    (("caffenet", CAFFENET_CONV_NAMES), ("vgg16", VGG16_CONV_NAMES))}
+# param of a trained layer: weights / bias at lr_mult 1 / 2, both with weight decay.
+TRAINED = (dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=1))
 VOC_CLASSES = 20
 SOLVER = (("type", '"SGD"'), ("base_lr", "0.001"), ("lr_policy", '"step"'), ("gamma", "0.5"),
           ("stepsize", "10000"), ("momentum", "0.9"), ("weight_decay", "1e-06"),
@@ -52,42 +58,32 @@ def _check(arch, mode):
         raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
 
 
-def _tower(arch, batch):
-    """The deploy net's layers from the input up to drop7 (fc8 and prob left out)."""
-    proto = caffenet_deploy(group=1, batch=batch) if arch == "caffenet" else vgg16_deploy(batch)
-    names = [layer.name for layer in proto.layer]
-    del proto.layer[names.index(LAST_TOWER_LAYER) + 1:]
-    return proto
-
-
-def _set_learning(proto, mode):
-    """lr_mult / decay_mult of every parameter layer for ``mode``."""
+def _learning(arch, mode):
+    """The parameter layers before ``FIRST_TRAINED[mode]`` frozen, the others TRAINED."""
+    layers = PARAMETER_LAYERS[arch]
     first = FIRST_TRAINED[mode]
-    training = first is None
-    for layer in proto.layer:
-        training = training or layer.name == first
-        if layer.type not in ("Convolution", "InnerProduct"):
-            continue
-        del layer.param[:]
-        for lr_mult in (1, 2):
-            layer.param.add(lr_mult=lr_mult if training else 0, decay_mult=1 if training else 0)
+    return Learning(trained=TRAINED, frozen=layers[:layers.index(first)] if first else ())
 
 
-def _add_classifier(proto, classes):
-    layer = proto.layer.add(name=CLASSIFIER, type="InnerProduct", bottom=["fc7"],
-                            top=[CLASSIFIER])
-    layer.inner_product_param.num_output = classes
-    layer.inner_product_param.weight_filler.type = "gaussian"
-    layer.inner_product_param.weight_filler.std = 0.01
-    layer.inner_product_param.bias_filler.type = "constant"
-    layer.inner_product_param.bias_filler.value = 0.1
+def _tower_and_classifier(n, arch, classes, learning=Learning()):
+    """On ``n.data``: the deploy net's layers up to drop7 (groupless CaffeNet or VGG16), then
+    ``fc8_cls`` with ``classes`` outputs; returns its top."""
+    if arch == "caffenet":
+        pool5 = caffenet_convs(n, n.data, learning)
+    else:
+        pool5 = vgg16_convs(n, n.data, learning, explicit_stride=False)
+    return inner_product(n, CLASSIFIER, fc6_fc7(n, pool5, learning), classes, learning,
+                         weight_filler=dict(type="gaussian", std=0.01),
+                         bias_filler=dict(type="constant", value=0.1))
 
 
 def deploy_net(arch, classes=VOC_CLASSES, batch=1):
     """NetParameter: input ``data`` (batch, 3, side, side) BGR minus the mean -> ``fc8_cls``."""
     _check(arch, "all")
-    proto = _tower(arch, batch)
-    _add_classifier(proto, classes)
+    n = import_caffe().NetSpec()
+    image_input(n, batch, SIDES[arch])
+    _tower_and_classifier(n, arch, classes)
+    proto = n.to_proto()
     proto.name = f"{arch}_voc_classification_deploy"
     return proto
 
@@ -97,23 +93,14 @@ def train_net(arch, mode, root=DEFAULT_ROOT, split="trainval", classes=VOC_CLASS
     """NetParameter of the training net: VocClassificationData -> tower -> fc8_cls -> loss."""
     _check(arch, mode)
     caffe = import_caffe()
-    proto = _tower(arch, batch_size)
-    data = caffe.layers.Python(ntop=2, python_param=dict(
+    n = caffe.NetSpec()
+    n.data, n.label = caffe.layers.Python(ntop=2, python_param=dict(
         module="ctxpred.classification.data", layer="VocClassificationData",
         param_str=data_layer_param(root, split, batch_size, SIDES[arch], seed)))
-    n = caffe.NetSpec()
-    n.data, n.label = data
-    head = n.to_proto()
-    head.layer[0].name = "data"
-    layers = [head.layer[0]] + [layer for layer in proto.layer if layer.type != "Input"]
-    del proto.layer[:]
-    proto.layer.extend(layers)
-    _add_classifier(proto, classes)
-    loss = proto.layer.add(name="loss", type="SigmoidCrossEntropyLoss",
-                           bottom=[CLASSIFIER, "label"], top=["loss"])
-    loss.loss_param.ignore_label = IGNORE_LABEL
-    loss.loss_param.normalization = caffe.proto.caffe_pb2.LossParameter.BATCH_SIZE
-    _set_learning(proto, mode)
+    scores = _tower_and_classifier(n, arch, classes, _learning(arch, mode))
+    n.loss = caffe.layers.SigmoidCrossEntropyLoss(scores, n.label, loss_param=dict(
+        ignore_label=IGNORE_LABEL, normalization=caffe.params.Loss.BATCH_SIZE))
+    proto = n.to_proto()
     proto.name = f"{arch}_voc_classification_{mode}"
     return proto
 

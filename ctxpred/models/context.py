@@ -27,18 +27,19 @@ from pathlib import Path
 
 from ctxpred.caffe.env import import_caffe
 from ctxpred.data.preprocess import PROJECTION_AXIS
+from ctxpred.models.backbones import (FC_OUTPUTS, LEARNED, Learning, caffenet_convs,
+                                      frozen_batchnorm, image_input, inner_product, relu,
+                                      vgg16_convs)
 
 NET_NAMES = ("color_dropping", "projection", "vgg")
 PATCH = 96
 RMS_TARGET = 50.0
 MEAN_RGB = (123.68, 116.78, 103.94)  # per-channel mean of the deploy input convention
 NUM_POSITIONS = 8
-
-# (name, kernel, outputs, stride, pad) of the AlexNet-style tower's convolutions.
-_ALEXNET_CONVS = (("conv1", 11, 96, 4, 5), ("conv2", 5, 256, 1, 2), ("conv3", 3, 384, 1, 1),
-                  ("conv4", 3, 384, 1, 1), ("conv5", 3, 256, 1, 1))
-# (stage, number of 3x3 convolutions, outputs) of the VGG16 conv stack.
-_VGG_STAGES = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
+CONV1_PAD = 5  # the AlexNet-style tower pads conv1 (96x96 patch: conv1 24x24, pool5 3x3)
+# Every layer of the context nets learns, from Xavier weights and zero biases.
+LEARNING = Learning(trained=LEARNED, fillers=dict(weight_filler=dict(type="xavier"),
+                                                  bias_filler=dict(type="constant", value=0)))
 
 
 @dataclass(frozen=True)
@@ -53,32 +54,9 @@ class NetOptions:
     factorized_head: bool = False
 
 
-def _learned(lr_mult=1):
-    return [dict(lr_mult=lr_mult, decay_mult=1), dict(lr_mult=2 * lr_mult, decay_mult=0)]
-
-
-def _frozen(count):
-    return [dict(lr_mult=0, decay_mult=0)] * count
-
-
-def _conv(caffe, bottom, outputs, kernel, stride=1, pad=0):
-    return caffe.layers.Convolution(
-        bottom, num_output=outputs, kernel_size=kernel, stride=stride, pad=pad,
-        param=_learned(), weight_filler=dict(type="xavier"),
-        bias_filler=dict(type="constant", value=0))
-
-
-def _fc(caffe, bottom, outputs, bias_term=True):
-    return caffe.layers.InnerProduct(
-        bottom, num_output=outputs, bias_term=bias_term,
-        param=_learned() if bias_term else _learned()[:1],
-        weight_filler=dict(type="xavier"), bias_filler=dict(type="constant", value=0))
-
-
-def _batchnorm(caffe, bottom):
-    # Statistics are not learned (lr 0) and no Scale layer follows: a learned
-    # scale could silence a layer early in training (reference).
-    return caffe.layers.BatchNorm(bottom, param=_frozen(3), in_place=True)
+def _fc(n, name, bottom, outputs, bias_term=True):
+    """InnerProduct ``name`` of a context net; bias_term is written out, as the reference does."""
+    return inner_product(n, name, bottom, outputs, LEARNING, bias_term=bias_term)
 
 
 def add_projection(caffe, n, bottom):
@@ -110,45 +88,25 @@ def add_rms_normalisation(caffe, n, bottom, patch=PATCH):
     return n.data_normalised
 
 
-def alexnet_tower(caffe, n, bottom, options):
-    """conv1..conv5, pool5, fc6 (+ BatchNorm on conv3-5 and fc6); returns fc6's blob."""
-    top = bottom
-    for index, (name, kernel, outputs, stride, pad) in enumerate(_ALEXNET_CONVS, start=1):
-        setattr(n, name, _conv(caffe, top, outputs, kernel, stride, pad))
-        top = getattr(n, name)
-        if options.batchnorm and index >= 3:
-            setattr(n, f"bn{index}", _batchnorm(caffe, top))
-        setattr(n, f"relu{index}", caffe.layers.ReLU(top, in_place=True))
-        if index in (1, 2):
-            setattr(n, f"pool{index}", caffe.layers.Pooling(
-                top, pool=caffe.params.Pooling.MAX, kernel_size=3, stride=2))
-            setattr(n, f"norm{index}", caffe.layers.LRN(
-                getattr(n, f"pool{index}"), local_size=5, alpha=1e-4, beta=0.75))
-            top = getattr(n, f"norm{index}")
-    n.pool5 = caffe.layers.Pooling(top, pool=caffe.params.Pooling.MAX, kernel_size=3, stride=2)
-    return _fc6(caffe, n, n.pool5, options)
+def patch_tower(n, net_name, data, options):
+    """The tower on mean-subtracted (N, 3, 96, 96) patches ``data``; returns fc6's top (N, 4096).
 
-
-def vgg_tower(caffe, n, bottom, options):
-    """VGG16's 13 convolutions and 5 poolings on a 96x96 patch (3x3x512), then fc6."""
-    top = bottom
-    for stage, count, outputs in _VGG_STAGES:
-        for index in range(1, count + 1):
-            name = f"conv{stage}_{index}"
-            setattr(n, name, _conv(caffe, top, outputs, 3, pad=1))
-            top = getattr(n, name)
-            setattr(n, f"relu{stage}_{index}", caffe.layers.ReLU(top, in_place=True))
-        setattr(n, f"pool{stage}", caffe.layers.Pooling(
-            top, pool=caffe.params.Pooling.MAX, kernel_size=2, stride=2))
-        top = getattr(n, f"pool{stage}")
-    return _fc6(caffe, n, top, options)
-
-
-def _fc6(caffe, n, bottom, options):
-    n.fc6 = _fc(caffe, bottom, 4096)
+    The input is projected (projection net) and RMS-normalised in the net,
+    then goes through the conv body and pool5: for the AlexNet-style nets
+    CaffeNet's convolutions with conv1 padded and, with ``options.batchnorm``,
+    BatchNorm on conv3-5 (pool5 256x3x3); for vgg VGG16's (pool5 512x3x3).
+    fc6 follows, with BatchNorm bn6 when ``options.batchnorm``, before any ReLU.
+    """
+    normalised = _normalised_input(import_caffe(), n, net_name, data)
+    if net_name == "vgg":
+        pool5 = vgg16_convs(n, normalised, LEARNING)
+    else:
+        pool5 = caffenet_convs(n, normalised, LEARNING, conv1_pad=CONV1_PAD,
+                               batchnorm=options.batchnorm)
+    fc6 = _fc(n, "fc6", pool5, FC_OUTPUTS)
     if options.batchnorm:
-        n.bn6 = _batchnorm(caffe, n.fc6)
-    return n.fc6
+        frozen_batchnorm(n, "bn6", fc6)
+    return fc6
 
 
 def pair_head(caffe, n, features, select1, select2, options):
@@ -162,8 +120,8 @@ def pair_head(caffe, n, features, select1, select2, options):
     fifth of the work at 4.5 pairs per patch.
     """
     if options.factorized_head:
-        n.fc7_first = _fc(caffe, features, 4096, bias_term=False)
-        n.fc7_second = _fc(caffe, features, 4096)
+        _fc(n, "fc7_first", features, FC_OUTPUTS, bias_term=False)
+        _fc(n, "fc7_second", features, FC_OUTPUTS)
         n.fc7_first_pairs = caffe.layers.BatchReindex(n.fc7_first, select1)
         n.fc7_second_pairs = caffe.layers.BatchReindex(n.fc7_second, select2)
         n.fc7 = caffe.layers.Eltwise(n.fc7_first_pairs, n.fc7_second_pairs,
@@ -172,13 +130,12 @@ def pair_head(caffe, n, features, select1, select2, options):
         n.fc6_first = caffe.layers.BatchReindex(features, select1)
         n.fc6_second = caffe.layers.BatchReindex(features, select2)
         n.fc6_pairs = caffe.layers.Concat(n.fc6_first, n.fc6_second, axis=1)
-        n.fc7 = _fc(caffe, n.fc6_pairs, 4096)
-    n.bn7 = _batchnorm(caffe, n.fc7)
-    n.relu7 = caffe.layers.ReLU(n.fc7, in_place=True)
-    n.fc8 = _fc(caffe, n.fc7, 4096)
-    n.relu8 = caffe.layers.ReLU(n.fc8, in_place=True)
-    n.fc9 = _fc(caffe, n.fc8, NUM_POSITIONS)
-    return n.fc9
+        _fc(n, "fc7", n.fc6_pairs, FC_OUTPUTS)
+    frozen_batchnorm(n, "bn7", n.fc7)
+    relu(n, "relu7", n.fc7)
+    _fc(n, "fc8", n.fc7, FC_OUTPUTS)
+    relu(n, "relu8", n.fc8)
+    return _fc(n, "fc9", n.fc8, NUM_POSITIONS)
 
 
 def data_layer_params(net_name, source, seed=0, workers=2, **config):
@@ -193,11 +150,6 @@ def _normalised_input(caffe, n, net_name, data):
     return add_rms_normalisation(caffe, n, data)
 
 
-def _tower(caffe, n, net_name, data, options):
-    tower = vgg_tower if net_name == "vgg" else alexnet_tower
-    return tower(caffe, n, _normalised_input(caffe, n, net_name, data), options)
-
-
 def train_net(net_name, data_params, options=NetOptions()):
     """NetParameter of the training net: PatchPairData -> tower -> pair head -> loss."""
     caffe = import_caffe()
@@ -206,8 +158,8 @@ def train_net(net_name, data_params, options=NetOptions()):
     n.data, n.select1, n.select2, n.label = caffe.layers.Python(
         ntop=4, python_param=dict(module="ctxpred.data.layer", layer="PatchPairData",
                                   param_str=json.dumps(data_params)))
-    features = _tower(caffe, n, net_name, n.data, options)
-    n.relu6 = caffe.layers.ReLU(features, in_place=True)
+    features = patch_tower(n, net_name, n.data, options)
+    relu(n, "relu6", features)
     scores = pair_head(caffe, n, features, n.select1, n.select2, options)
     # Summed over pairs, as the reference; the log divides by the pair count.
     n.loss = caffe.layers.SoftmaxWithLoss(scores, n.label,
@@ -232,8 +184,7 @@ def deploy_net(net_name, options=NetOptions(batchnorm=False)):
     caffe = import_caffe()
     _check_name(net_name)
     n = caffe.NetSpec()
-    n.data = caffe.layers.Input(shape=dict(dim=[1, 3, PATCH, PATCH]))
-    _tower(caffe, n, net_name, n.data, options)
+    patch_tower(n, net_name, image_input(n, 1, PATCH), options)
     proto = n.to_proto()
     proto.name = f"context_{net_name}_deploy"
     return proto

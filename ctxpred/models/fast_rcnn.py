@@ -28,13 +28,13 @@ import json
 from dataclasses import dataclass
 
 from ctxpred.caffe.env import import_caffe
-from ctxpred.models.backbones import CAFFENET_CONVS, CAFFENET_SIDE, VGG16_SIDE, VGG16_STAGES
+from ctxpred.models.backbones import (CAFFENET_SIDE, LEARNED, VGG16_SIDE, Learning,
+                                      caffenet_convs, fc6_fc7, image_input, inner_product,
+                                      vgg16_convs)
 
 LAYER_SETS = ("fast_rcnn", "ctxpred")
 VOC_CLASSES = 21  # 20 classes + background
 SPATIAL_SCALE = 0.0625  # 1/16: conv5's stride in input pixels
-FC_OUTPUTS = 4096
-DROPOUT_RATIO = 0.5
 CLS_SCORE_STD = 0.01
 BBOX_PRED_STD = 0.001
 CAFFENET_CONV1_PAD = 5  # Fast R-CNN's CaffeNet pads conv1 (BVLC's does not) ...
@@ -59,9 +59,6 @@ SINGLE_SCALE_MAX_SIZE = 1000
 SOLVER_SETTINGS = (("base_lr", "0.001"), ("lr_policy", '"step"'), ("gamma", "0.1"),
                    ("stepsize", "30000"), ("display", "20"), ("average_loss", "100"),
                    ("momentum", "0.9"), ("weight_decay", "0.0005"))
-
-_LEARNED = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
-_FROZEN = [dict(lr_mult=0, decay_mult=0)] * 2
 
 
 @dataclass(frozen=True)
@@ -105,43 +102,16 @@ def model_named(name):
     raise ValueError(f"unknown Fast R-CNN model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
-def _conv(caffe, model, bottom, name, outputs, kernel, stride=1, pad=0):
-    return caffe.layers.Convolution(bottom, num_output=outputs, kernel_size=kernel, stride=stride,
-                                    pad=pad, param=_FROZEN if name in model.frozen else _LEARNED)
+def _trunk(n, model, learning):
+    """The conv body on ``n.data`` without pool5; returns the last conv's top (stride 16).
 
-
-def _caffenet_trunk(caffe, n, model, bottom):
-    """conv1..relu5 of Fast R-CNN's CaffeNet, every convolution groupless; returns conv5."""
-    top = bottom
-    for index, (name, kernel, outputs, stride, pad, _) in enumerate(CAFFENET_CONVS, 1):
-        pad = CAFFENET_CONV1_PAD if index == 1 else pad
-        setattr(n, name, _conv(caffe, model, top, name, outputs, kernel, stride, pad))
-        top = getattr(n, name)
-        setattr(n, f"relu{index}", caffe.layers.ReLU(top, in_place=True))
-        if index in (1, 2):
-            setattr(n, f"pool{index}", caffe.layers.Pooling(
-                top, pool=caffe.params.Pooling.MAX, kernel_size=3, pad=CAFFENET_POOL_PAD,
-                stride=2))
-            setattr(n, f"norm{index}", caffe.layers.LRN(getattr(n, f"pool{index}"),
-                                                        local_size=5, alpha=1e-4, beta=0.75))
-            top = getattr(n, f"norm{index}")
-    return top
-
-
-def _vgg16_trunk(caffe, n, model, bottom):
-    """conv1_1..relu5_3 of VGG16 (pool1..pool4, no pool5); returns conv5_3."""
-    top = bottom
-    for stage, count, outputs in VGG16_STAGES:
-        for index in range(1, count + 1):
-            name = f"conv{stage}_{index}"
-            setattr(n, name, _conv(caffe, model, top, name, outputs, 3, pad=1))
-            top = getattr(n, name)
-            setattr(n, f"relu{stage}_{index}", caffe.layers.ReLU(top, in_place=True))
-        if stage < len(VGG16_STAGES):
-            setattr(n, f"pool{stage}", caffe.layers.Pooling(
-                top, pool=caffe.params.Pooling.MAX, kernel_size=2, stride=2))
-            top = getattr(n, f"pool{stage}")
-    return top
+    CaffeNetGroupless: Fast R-CNN's CaffeNet (conv1 pad 5, pool1 / pool2 pad
+    1), every convolution groupless; VGGContext: VGG16's convolutions.
+    """
+    if model.name == "CaffeNetGroupless":
+        return caffenet_convs(n, n.data, learning, conv1_pad=CAFFENET_CONV1_PAD,
+                              pool_pad=CAFFENET_POOL_PAD, pool5=False)
+    return vgg16_convs(n, n.data, learning, pool5=False)
 
 
 def _roi_pooling(caffe, model, features, rois, layers):
@@ -153,29 +123,22 @@ def _roi_pooling(caffe, model, features, rois, layers):
         module="ctxpred.detection.roi_layers", layer="ROIPooling", param_str=json.dumps(params)))
 
 
-def _detection_head(caffe, n, pooled, num_classes):
+def _detection_head(n, pooled, num_classes, learning):
     """fc6, fc7 (4096, ReLU, dropout 0.5), cls_score (K) and bbox_pred (4K), K = num_classes."""
-    top = pooled
-    for index in (6, 7):
-        setattr(n, f"fc{index}", caffe.layers.InnerProduct(top, num_output=FC_OUTPUTS,
-                                                           param=_LEARNED))
-        top = getattr(n, f"fc{index}")
-        setattr(n, f"relu{index}", caffe.layers.ReLU(top, in_place=True))
-        setattr(n, f"drop{index}", caffe.layers.Dropout(top, dropout_ratio=DROPOUT_RATIO,
-                                                        in_place=True))
+    fc7 = fc6_fc7(n, pooled, learning)
     for name, outputs, std in (("cls_score", num_classes, CLS_SCORE_STD),
                                ("bbox_pred", 4 * num_classes, BBOX_PRED_STD)):
-        setattr(n, name, caffe.layers.InnerProduct(
-            top, num_output=outputs, param=_LEARNED,
-            weight_filler=dict(type="gaussian", std=std),
-            bias_filler=dict(type="constant", value=0)))
+        inner_product(n, name, fc7, outputs, learning,
+                      weight_filler=dict(type="gaussian", std=std),
+                      bias_filler=dict(type="constant", value=0))
 
 
 def _body(caffe, n, model, layers, num_classes):
-    trunk = _caffenet_trunk if model.name == "CaffeNetGroupless" else _vgg16_trunk
-    features = trunk(caffe, n, model, n.data)
-    n.pool5 = _roi_pooling(caffe, model, features, n.rois, layers)
-    _detection_head(caffe, n, n.pool5, num_classes)
+    """Trunk, RoI pooling ``pool5`` and head on ``n.data`` and ``n.rois``; ``model.frozen``
+    layers keep their weights, the others learn."""
+    learning = Learning(trained=LEARNED, frozen=model.frozen)
+    n.pool5 = _roi_pooling(caffe, model, _trunk(n, model, learning), n.rois, layers)
+    _detection_head(n, n.pool5, num_classes, learning)
 
 
 def _check_layers(layers, num_classes):
@@ -207,7 +170,8 @@ def train_net(model_name, layers="fast_rcnn", num_classes=VOC_CLASSES, data_para
     elif data_params is None:
         raise ValueError("the ctxpred variant needs data_params (the RoIData param_str as a dict)")
     else:
-        data = dict(module="ctxpred.detection.roi_data", layer="RoIData", param_str=json.dumps(data_params))
+        data = dict(module="ctxpred.detection.roi_data", layer="RoIData",
+                    param_str=json.dumps(data_params))
     n = caffe.NetSpec()
     n.data, n.rois, n.labels, n.bbox_targets, n.bbox_loss_weights = caffe.layers.Python(
         ntop=5, python_param=data)
@@ -235,7 +199,7 @@ def inference_net(model_name, layers="fast_rcnn", num_classes=VOC_CLASSES):
     model = model_named(model_name)
     _check_layers(layers, num_classes)
     n = caffe.NetSpec()
-    n.data = caffe.layers.Input(shape=dict(dim=[1, 3, model.side, model.side]))
+    image_input(n, 1, model.side)
     n.rois = caffe.layers.Input(shape=dict(dim=[1, 5]))
     _body(caffe, n, model, layers, num_classes)
     n.cls_prob = caffe.layers.Softmax(n.cls_score)
