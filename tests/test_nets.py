@@ -194,3 +194,52 @@ def test_convert_head_tool_round_trips_snapshots(caffe, tmp_path, photo_folder):
     bad = subprocess.run([*tool, str(tmp_path / "missing.caffemodel"), str(tmp_path / "x")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.caffemodel does not exist" in bad.stderr
+
+
+def conv_geometry(proto):
+    """{conv name: (outputs, kernel, stride)} of a NetParameter's convolutions."""
+    return {layer.name: (layer.convolution_param.num_output,
+                         tuple(layer.convolution_param.kernel_size),
+                         tuple(layer.convolution_param.stride) or (1,))
+            for layer in proto.layer if layer.type == "Convolution"}
+
+
+def test_every_net_has_the_same_backbone_convolutions():
+    """The context towers, Fast R-CNN, classification and deploy nets share one body each."""
+    from ctxpred.models import backbones, classification, fast_rcnn
+    params = data_layer_params("color_dropping", "unused")
+    caffenets = [backbones.caffenet_deploy(), train_net("color_dropping", params),
+                 fast_rcnn.train_net("CaffeNetGroupless"),
+                 classification.train_net("caffenet", "fc")]
+    vggs = [backbones.vgg16_deploy(), train_net("vgg", params),
+            fast_rcnn.train_net("VGGContext"), classification.train_net("vgg16", "all")]
+    for nets, names in ((caffenets, backbones.CAFFENET_CONV_NAMES),
+                        (vggs, backbones.VGG16_CONV_NAMES)):
+        geometries = [conv_geometry(net) for net in nets]
+        assert tuple(geometries[0]) == names
+        assert all(geometry == geometries[0] for geometry in geometries[1:])
+    assert conv_geometry(caffenets[0])["conv1"] == (96, (11,), (4,))
+    assert conv_geometry(vggs[0])["conv5_3"] == (512, (3,), (1,))
+
+
+def test_backbone_options_in_caffe(caffe, tmp_path):
+    """Fast R-CNN's CaffeNet options (conv1 pad 5, pool pad 1, no pool5, conv1 frozen) and a
+    bias-free layer: the shapes Caffe gives and the param written per layer."""
+    from ctxpred.models.backbones import (FROZEN, LEARNED, Learning, caffenet_convs,
+                                          image_input, inner_product)
+    learning = Learning(trained=LEARNED, frozen=("conv1",))
+    n = caffe.NetSpec()
+    conv5 = caffenet_convs(n, image_input(n, 2, 227), learning, conv1_pad=5, pool_pad=1,
+                           pool5=False)
+    inner_product(n, "scores", conv5, 3, learning, bias_term=False)
+    proto = n.to_proto()
+    layers = {layer.name: layer for layer in proto.layer}
+    assert [dict(lr_mult=p.lr_mult, decay_mult=p.decay_mult) for p in layers["conv1"].param] == [
+        FROZEN, FROZEN]
+    assert len(layers["conv2"].param) == 2 and layers["conv2"].param[1].lr_mult == 2
+    assert len(layers["scores"].param) == 1 and "pool5" not in layers
+    net = caffe.Net(write(tmp_path, proto, "body.prototxt"), caffe.TEST)
+    assert net.blobs["conv1"].data.shape == (2, 96, 57, 57)  # (227 + 2 * 5 - 11) // 4 + 1
+    assert net.blobs["pool1"].data.shape == (2, 96, 29, 29)  # ceil((57 + 2 - 3) / 2) + 1
+    assert net.blobs["conv5"].data.shape == (2, 256, 15, 15)
+    assert [blob.data.shape for blob in net.params["scores"]] == [(3, 256 * 15 * 15)]
