@@ -1,6 +1,6 @@
-"""Visual data mining: constellations, matching, verification, ranking, purity-coverage, tool."""
-import importlib.util
+"""Visual data mining: constellations, matching, verification, ranking, purity-coverage, the run."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +12,12 @@ from PIL import Image
 
 from ctxpred.figures.mining import (Candidates, constellation_anchors, curve_auc, purity_coverage,
                             rank_clusters, top_images, union_boxes, verify)
+from ctxpred.figures.mining_run import MiningSettings, mine
 from ctxpred.detection.voc import Annotation, VocObject, write_annotation
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "mine.py"
+DEPLOY = str(REPO / "prototxt" / "color_dropping" / "deploy.prototxt")
 HELDOUT = REPO / "data" / "photos" / "heldout"
 SIDE = 336  # planted images are SIDE x SIDE
 OBJECT = 240  # the planted object is OBJECT x OBJECT: it holds a 192-pixel constellation
@@ -116,14 +118,13 @@ def test_purity_coverage_of_hand_clusters():
 
 
 # ---------------------------------------------------------------------------
-# The tool on a planted object
+# The run on a planted object
 
 
-def tool_main():
-    spec = importlib.util.spec_from_file_location("mine", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+def mine_planted(images, weights, out, **options):
+    """mine() of the colour-dropping net, 5 clusters of 6 matches shown."""
+    return mine(MiningSettings(images=str(images), weights=str(weights), deploy=DEPLOY,
+                               out=str(out), clusters=5, shown=6, **options))
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def random_weights(caffe, tmp_path_factory):
     """The colour-dropping deploy net as Caffe initialises it from the prototxt's fillers
     (xavier weights, zero biases): no training, so mining rests on exact repeats alone."""
     caffe.set_random_seed(0)
-    net = caffe.Net(str(REPO / "prototxt" / "color_dropping" / "deploy.prototxt"), caffe.TEST)
+    net = caffe.Net(DEPLOY, caffe.TEST)
     path = tmp_path_factory.mktemp("weights") / "random.caffemodel"
     net.save(str(path))
     return path
@@ -173,11 +174,12 @@ def planted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mined(random_weights, planted, tmp_path_factory):
-    """The tool's output folder on the planted images, with the annotations."""
+    """The output folder of a run on the planted images, with the annotations."""
     images, annotations = planted
     out = tmp_path_factory.mktemp("mined") / "out"
-    tool_main()(["--images", str(images), "--weights", str(random_weights), "--out", str(out),
-                 "--annotations", str(annotations), "--clusters", "5", "--shown", "6"])
+    page, summary = mine_planted(images, random_weights, out, annotations=str(annotations))
+    assert page == out / "index.html"
+    assert summary == json.loads((out / "summary.json").read_text(encoding="utf-8"))
     return out
 
 
@@ -206,8 +208,7 @@ def test_the_planted_object_is_the_first_cluster(mined, planted):
 def test_a_rerun_reuses_the_features(mined, planted, random_weights, capsys):
     images, _ = planted
     before = json.loads((mined / "summary.json").read_text(encoding="utf-8"))
-    tool_main()(["--images", str(images), "--weights", str(random_weights), "--out", str(mined),
-                 "--clusters", "5", "--shown", "6"])
+    mine_planted(images, random_weights, mined)
     assert f"reusing {mined / 'features.h5'}" in capsys.readouterr().out
     after = json.loads((mined / "summary.json").read_text(encoding="utf-8"))
     assert after["clusters"] == before["clusters"] and "purity_coverage" not in after
@@ -248,11 +249,27 @@ def test_help_explains_every_flag():
         assert flag in result.stdout
 
 
-def test_bad_flags_are_refused(random_weights, tmp_path, capsys):
-    common = ["--images", str(tmp_path), "--weights", str(random_weights), "--out", str(tmp_path)]
+def test_bad_flags_are_refused(random_weights, tmp_path):
+    common = [sys.executable, str(TOOL), "--images", str(tmp_path), "--weights",
+              str(random_weights), "--out", str(tmp_path)]
     for flags, message in ((["--stride", "48", "--spacing", "100"], "multiple of --stride"),
                            (["--max-shared", "2"], "--max-shared must lie in"),
                            (["--annotations", str(tmp_path / "none")], "does not exist")):
-        with pytest.raises(SystemExit):
-            tool_main()(common + flags)
-        assert message in capsys.readouterr().err
+        refused = subprocess.run(common + flags, capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr
+
+
+def test_tool_command_line(random_weights, planted, mined, tmp_path):
+    """The tool's flags reach the run (reusing the run's features) and its lines are printed."""
+    images, annotations = planted
+    shutil.copy(mined / "features.h5", tmp_path / "features.h5")
+    done = subprocess.run(
+        [sys.executable, str(TOOL), "--images", str(images), "--weights", str(random_weights),
+         "--out", str(tmp_path), "--annotations", str(annotations), "--constellations", "50",
+         "--clusters", "2", "--shown", "3", "--seed", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"reusing {tmp_path / 'features.h5'}" in done.stdout
+    assert f"wrote {tmp_path / 'index.html'}" in done.stdout and "purity-coverage AUC" in done.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert summary["settings"]["seed"] == 1 and summary["constellations"] == 50
+    assert summary["settings"]["deploy"] == DEPLOY

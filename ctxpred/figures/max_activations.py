@@ -4,7 +4,7 @@
 pieces of :mod:`ctxpred.figures.activations`:
 
 - Patches: ``per_image`` random 96x96 patches per image at positions fixed by
-  the seed (:func:`ctxpred.features.extraction.sampled_patches`), images in
+  the seed (:func:`ctxpred.features.patches.sampled_patches`), images in
   order, numbered from 0; the first ``patches`` of that stream are used.
 - One net, cut after the deepest of ``layers``, runs once per batch; every
   requested blob is read from the same forward pass into a
@@ -26,8 +26,11 @@ import numpy as np
 from tqdm import tqdm
 
 from ctxpred.data.images import open_source
-from ctxpred.features.extraction import (FeatureExtractor, net_input, read_deploy_param,
-                                         sampled_patches)
+from ctxpred.features.extractor import FeatureExtractor
+from ctxpred.features.forward import CaffeForward
+from ctxpred.features.nets import read_deploy_param
+from ctxpred.features.patches import sampled_patches
+from ctxpred.features.streaming import patch_batches
 from ctxpred.figures import pages
 from ctxpred.figures.activations import (StreamingTopK, masked_patch, receptive_fields,
                                          unit_activations)
@@ -80,31 +83,25 @@ def update_tops(settings, source, extractor, tops, state_path, state_settings):
     """Run the patches not seen yet through ``extractor.net`` into ``tops`` ({layer:
     StreamingTopK}), saving the state every ``settings.chunk`` patches and at the end."""
     seen = next(iter(tops.values())).seen
-    net, patch = extractor.net, extractor.patch
-    data = net.blobs[net.inputs[0]]
-    stream = patch_stream(settings, source, seen)
+    forward = CaffeForward(extractor.net, list(tops))
+    items = sampled_patches(source, "random", settings.per_image, settings.seed)
     progress = tqdm(total=settings.patches, initial=seen, unit="patch")
     last_saved = seen
-    while seen < settings.patches:
-        batch = [item for _, item in zip(range(min(settings.batch, settings.patches - seen)),
-                                         stream)]
-        if not batch:
-            print(f"the images hold only {seen} patches ({settings.per_image} per image)")
-            break
-        ids = np.array([number for number, *_ in batch])
-        if data.data.shape[0] != len(batch):
-            data.reshape(len(batch), 3, patch, patch)
-        net_input(np.stack([pixels for *_, pixels in batch]), out=data.data)
-        net.forward()
+    for batch in patch_batches(items, settings.batch, extractor.patch, skip=seen,
+                               stop=settings.patches):
+        ids = np.arange(batch.first, batch.first + len(batch.pixels))
+        blobs = forward(batch.pixels)
         for layer, top in tops.items():
-            values, ys, xs = unit_activations(net.blobs[layer].data[:, :top.units])
+            values, ys, xs = unit_activations(blobs[layer][:, :top.units])
             top.update(values, ids, ys, xs)
-        seen += len(batch)
-        progress.update(len(batch))
+        seen += len(batch.pixels)
+        progress.update(len(batch.pixels))
         if seen - last_saved >= settings.chunk:
             save_state(state_path, tops, state_settings)
             last_saved = seen
     progress.close()
+    if seen < settings.patches:
+        print(f"the images hold only {seen} patches ({settings.per_image} per image)")
     save_state(state_path, tops, state_settings)
 
 

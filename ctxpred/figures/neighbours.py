@@ -4,7 +4,7 @@ their nearest patches by cosine similarity of one blob.
 :func:`nearest_neighbour_figure` does what tools/nearest_neighbors.py
 describes: the same random patches (``patches_per_image`` per image, seeded)
 go through every net into a temporary HDF5 file each
-(:func:`ctxpred.features.extraction.stream_features`); ``queries`` of them are
+(:func:`ctxpred.features.streaming.stream_features`); ``queries`` of them are
 drawn at random (seeded); each net's :class:`ctxpred.features.search.NeighbourIndex`
 (exact, or HNSW above ``exact_threshold`` rows) finds the ``k`` most similar
 patches of OTHER images; :func:`ctxpred.figures.pages.neighbours_page` lays
@@ -22,8 +22,13 @@ import numpy as np
 from tqdm import tqdm
 
 from ctxpred.data.images import DEFAULT_MAX_PIXELS, open_source
-from ctxpred.features import extraction
+from ctxpred.features.extractor import FeatureExtractor
+from ctxpred.features.patches import sampled_patches
 from ctxpred.features.search import EXACT_THRESHOLD, NeighbourIndex
+from ctxpred.features.streaming import stream_features
+from ctxpred.features.writers import open_feature_writer
+from ctxpred.features.streaming import stream_features
+from ctxpred.features.writers import open_feature_writer
 from ctxpred.figures import pages
 from ctxpred.figures.crops import crop_boxes
 from ctxpred.models.context import snapshot_param
@@ -55,13 +60,13 @@ class NeighbourFigureSettings:
 
 def extract(settings, source, deploy, weights, net, path):
     """Write the features of the sampled patches of ``source`` with one net to HDF5 ``path``;
-    returns the :class:`ctxpred.features.extraction.ExtractionSummary`."""
-    extractor = extraction.FeatureExtractor(deploy, weights, settings.layer, settings.batch,
-                                            train_param=snapshot_param(net))
-    items = extraction.sampled_patches(source, "random", settings.patches_per_image,
-                                       settings.seed, settings.max_pixels)
-    with extraction.open_feature_writer(path, extractor.dim) as writer:
-        return extraction.stream_features(
+    returns the :class:`ctxpred.features.streaming.ExtractionSummary`."""
+    extractor = FeatureExtractor(deploy, weights, settings.layer, settings.batch,
+                                 train_param=snapshot_param(net))
+    items = sampled_patches(source, "random", settings.patches_per_image,
+                            settings.seed, settings.max_pixels)
+    with open_feature_writer(path, extractor.dim) as writer:
+        return stream_features(
             extractor, tqdm(items, total=len(source), desc=str(weights), unit="image"), writer)
 
 
