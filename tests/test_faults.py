@@ -17,7 +17,8 @@ import skimage.data
 from PIL import Image
 
 from ctxpred.cli import BAD_INPUT, DIVERGED, DONE, FAILED, exit_code
-from ctxpred.weights.surgery import check_batchnorms_fold, read_net_param
+from ctxpred.weights.surgery import check_batchnorms_fold
+from ctxpred.caffe.netparam import read_net_param
 from ctxpred.training.loop import DivergenceError
 from ctxpred.weights.files import read_weights
 

@@ -18,9 +18,9 @@ from PIL import Image
 from ctxpred.weights import magic_init_reference as reference
 from ctxpred.data.layer import close_data_layers
 from ctxpred.weights.magic_init import (MEAN_BGR, TYPES, MagicInitError, NetUnderInit, analysis_net,
-                                build_net, image_batches, input_size)
+                                image_batches, input_size)
 from ctxpred.models.context import data_layer_params, train_net
-from ctxpred.weights.surgery import read_net_param
+from ctxpred.caffe.netparam import instantiate, read_net_param
 from ctxpred.weights.files import read_weights, write_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def subject_for(caffe, net_param, photos, batches=2, batch=4, dropout="identity"
     analysis, _ = analysis_net(net_param, (batch, 3, SIDE, SIDE), dropout)
     feed = [{"data": array} for array in
             image_batches(photos, batch, batches, (SIDE, SIDE), log=lambda _: None)]
-    return NetUnderInit(build_net(caffe, analysis), analysis, feed, log=lambda _: None), feed
+    return NetUnderInit(instantiate(analysis, "train"), analysis, feed, log=lambda _: None), feed
 
 
 def pre_activations(caffe, prototxt, model, images):
@@ -488,7 +488,7 @@ def magic_init_weights(caffe, photos, seed, dropout):
     feed = [{"data": array} for array in image_batches(photos, batch, batches, (SIDE, SIDE),
                                                        rng=image_rng, log=lambda _: None)]
     caffe.set_random_seed(seed)
-    subject = NetUnderInit(build_net(caffe, analysis), analysis, feed)
+    subject = NetUnderInit(instantiate(analysis, "train"), analysis, feed)
     subject.initialize(rng=init_rng, log=lambda _: None)
     subject.calibrate(rng=calibration_rng, log=lambda _: None)
     return {name: [blob.data.copy() for blob in blobs]
@@ -498,8 +498,8 @@ def magic_init_weights(caffe, photos, seed, dropout):
 def reference_weights(caffe, photos, seed, list_file):
     """The reference procedure (ctxpred.weights.magic_init_reference) on the same net and photos."""
     batch = 4
-    net = reference.build_reference_net(
-        caffe, reference.reference_net_param(dropout_net(caffe, batch), list_file, batch))
+    net = instantiate(reference.reference_net_param(dropout_net(caffe, batch), list_file, batch),
+                      "train")
     caffe.set_random_seed(seed)
     rng = np.random.default_rng([seed, 7])
     assert reference.initialize(net, iterations=4, rng=rng) == list(DROPOUT_LAYERS)
@@ -510,8 +510,8 @@ def reference_weights(caffe, photos, seed, list_file):
 def weight_and_activation_spread(caffe, weights, images):
     """{layer: (log weight rms, log mean per-channel pre-activation std on ``images``)}; the
     pre-activations in the TEST phase (Dropout the identity), the same for every method."""
-    net = build_net(caffe, analysis_net(dropout_net(caffe, len(images)),
-                                        (len(images), 3, SIDE, SIDE), "identity")[0])
+    net = instantiate(analysis_net(dropout_net(caffe, len(images)),
+                                   (len(images), 3, SIDE, SIDE), "identity")[0], "train")
     for name, arrays in weights.items():
         for blob, array in zip(net.params[name], arrays):
             blob.data[...] = array

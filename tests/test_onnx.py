@@ -17,7 +17,7 @@ from ctxpred.models.backbones import caffenet_deploy
 from ctxpred.models.context import NetOptions, deploy_net
 from ctxpred.weights.onnx import (UnsupportedLayerError, caffe_to_onnx, compare_with_caffe,
                                  photo_patches)
-from ctxpred.weights.surgery import read_net_param
+from ctxpred.caffe.netparam import read_net_param
 from ctxpred.weights.files import read_weights
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ from ctxpred.detection.init_weights import detection_conv1
 from ctxpred.data.layer import close_data_layers
 from ctxpred.models.context import data_layer_params, train_net
 from ctxpred.data.preprocess import projection_matrix
-from ctxpred.weights.surgery import fold_batchnorm, read_net_param
+from ctxpred.weights.surgery import fold_batchnorm
+from ctxpred.caffe.netparam import read_net_param
 from ctxpred.weights.files import read_weights
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,9 +20,8 @@ from ctxpred.models.backbones import caffenet_deploy
 from ctxpred.data.layer import close_data_layers
 from ctxpred.models.context import MEAN_RGB, NetOptions, data_layer_params, deploy_net, train_net
 from ctxpred.data.preprocess import crop_patches
-from ctxpred.weights.surgery import (batchnorm_pairs, compare_shapes, drop_layers_from, fold_batchnorm,
-                             groupless_net, groupless_weights, load_params, param_shapes,
-                             read_net_param)
+from ctxpred.weights.surgery import (batchnorm_pairs, compare_shapes, drop_layers_from, fold_batchnorm, groupless_net, groupless_weights, load_params)
+from ctxpred.caffe.netparam import param_shapes, read_net_param
 from ctxpred.weights.files import read_weights, write_weights
 
 REPO = Path(__file__).resolve().parents[1]

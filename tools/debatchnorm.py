@@ -21,8 +21,8 @@ import argparse
 import sys
 
 from ctxpred.cli import run_tool
-from ctxpred.weights.surgery import (batchnorm_pairs, check_batchnorms_fold, compare_shapes,
-                             fold_batchnorm, net_param_shapes, read_net_param)
+from ctxpred.weights.surgery import (batchnorm_pairs, check_batchnorms_fold, compare_shapes, fold_batchnorm)
+from ctxpred.caffe.netparam import net_param_shapes, read_net_param
 from ctxpred.weights.files import read_weights, write_weights
 
 

@@ -30,7 +30,7 @@ from ctxpred.cli import run_tool
 from ctxpred.data.images import decode_rgb
 from ctxpred.weights.onnx import (DEFAULT_OPSET, MIN_OPSET, caffe_to_onnx, compare_with_caffe,
                                  photo_patches)
-from ctxpred.weights.surgery import read_net_param
+from ctxpred.caffe.netparam import read_net_param
 from ctxpred.weights.files import read_weights
 
 TOLERANCE = 1e-4

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from ctxpred.cli import run_tool
-from ctxpred.weights.surgery import (compare_shapes, groupless_net, groupless_weights,
-                             net_param_shapes, read_net_param)
+from ctxpred.weights.surgery import compare_shapes, groupless_net, groupless_weights
+from ctxpred.caffe.netparam import net_param_shapes, read_net_param
 from ctxpred.weights.files import read_weights, write_weights
 
 

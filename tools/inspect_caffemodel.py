@@ -15,7 +15,8 @@ import argparse
 import sys
 
 from ctxpred.cli import run_tool
-from ctxpred.weights.surgery import compare_shapes, net_param_shapes, read_net_param
+from ctxpred.weights.surgery import compare_shapes
+from ctxpred.caffe.netparam import net_param_shapes, read_net_param
 from ctxpred.weights.files import read_weights
 
 

@@ -25,23 +25,17 @@ tools/make_no_fc6.py and tools/debatchnorm.py):
   python tools/magic_init.py -cs -d '/data/VOC2007/JPEGImages/*.jpg' --gpu 0 \\
       --load no_fc6.caffemodel prototxt/groupless_caffenet.prototxt out.caffemodel
 """
-import argparse
 import sys
 
-import numpy as np
-
 from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
-from ctxpred.cli import run_tool
-from ctxpred.data.images import open_source
-from ctxpred.weights.magic_init import (DROPOUT_MODES, TYPES, NetUnderInit, analysis_net, build_net,
-                                data_layer_batches, image_batches, input_size, summary_lines)
-from ctxpred.weights.surgery import load_params, net_param_shapes, read_net_param
-from ctxpred.weights.files import read_weights, write_weights
+from ctxpred.caffe.netparam import read_net_param
+from ctxpred.cli import add_gpu, add_seed, run_tool, tool_parser
+from ctxpred.weights.files import write_weights
+from ctxpred.weights.magic_init import DROPOUT_MODES, TYPES, MagicInitSettings, run_magic_init
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("prototxt", help="net definition (deploy or train prototxt)")
     parser.add_argument("output_caffemodel", help="caffemodel to write (HDF5 if it ends in .h5)")
     parser.add_argument("-l", "--load", metavar="CAFFEMODEL",
@@ -75,16 +69,14 @@ def parse_args(argv=None):
     parser.add_argument("--mem-limit", type=float, default=500, metavar="MB",
                         help="cap in MB on the gathered input patches, and on the activations "
                              "kept between layers (default: %(default)s)")
-    parser.add_argument("--gpu", type=int, default=None,
-                        help="CUDA device id; with a CPU-only Caffe the CPU is used (default: CPU)")
+    add_gpu(parser)
     parser.add_argument("--dropout", default="train", choices=DROPOUT_MODES,
                         help="train: Dropout layers active as in Caffe's TRAIN phase, a new "
                              "random mask per forward pass (what the reference does); "
                              "identity: Dropout left out, as at test time "
                              "(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the image order, the weights, -cs's diffs and Caffe's "
-                             "RNG (the Dropout masks) (default: %(default)s)")
+    add_seed(parser, "image order, the weights, -cs's diffs and Caffe's RNG (the Dropout "
+                     "masks)")
     args = parser.parse_args(argv)
     if args.bs < 1 or args.nit < 1 or args.mem_limit <= 0:
         parser.error("-bs, -nit and --mem-limit must be positive")
@@ -108,52 +100,13 @@ def main(argv=None):
     except CaffeNotAvailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    seeds = np.random.SeedSequence(args.seed)
-    image_rng, init_rng, calibration_rng = map(np.random.default_rng, seeds.spawn(3))
-    caffe.set_random_seed(int(seeds.generate_state(1)[0] & 0x7FFFFFFF))
-    try:
-        net_param = read_net_param(args.prototxt)
-        shape = source = None
-        if args.data is not None:
-            shape, source = (args.bs, 3, *input_size(net_param)), open_source(args.data)
-        analysis, notes = analysis_net(net_param, shape, args.dropout)
-        for note in notes:
-            print(note)
-        net_param_shapes(analysis, args.prototxt)  # Caffe would abort this process
-        if args.data is not None:
-            top = next(layer.top[0] for layer in analysis.layer if layer.type == "Input")
-            batches = [{top: batch} for batch in
-                       image_batches(source, args.bs, args.nit, shape[2:], args.s, image_rng)]
-        net = build_net(caffe, analysis)
-        if args.load:
-            weights = read_weights(args.load)
-            copied = load_params(net, weights, strict=False)
-            print(f"loaded {', '.join(copied) or 'no layer'} from {args.load}")
-            unused = [name for name in weights if name not in net.params]
-            if unused:
-                print(f"not in the net (ignored): {', '.join(unused)}")
-        if args.z:
-            for blobs in net.params.values():
-                for blob in blobs:
-                    blob.data[...] = 0
-        if args.data is None:
-            batches = data_layer_batches(net, args.nit)
-        subject = NetUnderInit(net, analysis, batches)
-        done = subject.initialize(args.bias, args.type, args.mem_limit, init_rng)
-        if args.cs:
-            subject.release_batches(keep=1)  # -cs and its statistics use the first batch only
-        calibration = subject.calibrate(calibration_rng) if args.cs else None
-        # With -cs the last calibration pass measured the final weights' pre-activations.
-        statistics = calibration.statistics if args.cs else subject.statistics()
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for line in summary_lines(subject, done, statistics, calibration):
+    settings = MagicInitSettings(args.bs, args.nit, args.s, args.bias, args.type, args.mem_limit,
+                                 args.cs, args.z, args.dropout, args.seed)
+    result = run_magic_init(caffe, read_net_param(args.prototxt), args.data, settings, args.load,
+                            args.prototxt)
+    for line in result.lines:
         print(line)
-    print("pre-activation statistics: " + ("the calibration batch (the first), final weights"
-                                           if args.cs else f"all {args.nit} batches"))
-    write_weights({name: [blob.data for blob in blobs] for name, blobs in net.params.items()},
-                  args.output_caffemodel)
+    write_weights(result.weights, args.output_caffemodel)
     print(f"wrote {args.output_caffemodel}")
     return 0
 

@@ -21,7 +21,8 @@ import argparse
 import sys
 
 from ctxpred.cli import run_tool
-from ctxpred.weights.surgery import drop_layers_from, read_net_param
+from ctxpred.weights.surgery import drop_layers_from
+from ctxpred.caffe.netparam import read_net_param
 from ctxpred.weights.files import is_hdf5, read_weights, write_weights
 
 

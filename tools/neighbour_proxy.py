@@ -112,11 +112,11 @@ def main(argv=None):
     except CaffeNotAvailable as error:
         return fail(error)
     # Imported once the arguments are valid: these load pycaffe.
-    from ctxpred.features.extraction import FeatureExtractor
+    from ctxpred.features.extractor import FeatureExtractor
     from ctxpred.data.images import open_source
     from ctxpred.evaluation.retrieval_proxy import (Augmentation, extractor_ranks, paired_difference,
                                          retrieval_pairs, retrieval_score)
-    from ctxpred.weights.surgery import read_net_param
+    from ctxpred.caffe.netparam import read_net_param
 
     deploy = REPO / "prototxt" / args.net / "deploy.prototxt"
     try:

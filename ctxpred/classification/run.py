@@ -8,9 +8,10 @@ The route (:mod:`ctxpred.classification.data`, :mod:`ctxpred.models.classificati
    :func:`ctxpred.detection.init_weights.prepare_detection_init`); without one
    ("random"), magic init -cs of every layer from data. Either on the
    groupless CaffeNet (AlexNet-style nets) or VGG16;
-2. fine-tuning (:func:`train_classifier`) with the reference's solver,
-   resuming from the newest snapshot; Ctrl-C, SIGTERM or a ``quit`` file stop
-   after the current step with a snapshot;
+2. fine-tuning (:func:`train_classifier`) with the reference's solver in
+   :func:`ctxpred.training.loop.run_solver`, resuming from the newest intact
+   snapshot; Ctrl-C, SIGTERM or a ``quit`` file stop after the current step
+   with a snapshot; a loss that is not finite stops it (lower the lr);
 3. test (:func:`evaluate_classifier`): 1- and 10-crop scores on the test
    split, AP per class and mAP with a bootstrap interval over images.
 
@@ -20,7 +21,6 @@ loss, lr, step seconds), training.png, events.log, final.caffemodel, results.jso
 scores.npz and precision_recall.png.
 """
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,11 +28,16 @@ import numpy as np
 
 from ctxpred.classification.data import (IGNORE_LABEL, average_precision, bootstrap_interval,
                                     crop_scores, mean_average_precision, read_split)
-from ctxpred.models.classification import (BATCH_SIZE, ITERATIONS, SIDES, architecture_for,
-                                         deploy_net, solver_text, train_net)
-from ctxpred.training.loop import STOP_FILES, StopRequests, latest_snapshot
+from ctxpred.models.classification import (BATCH_SIZE, ITERATIONS, SIDES, SOLVER,
+                                           SOLVER_ORDER, architecture_for, deploy_net,
+                                           solver_param, train_net)
+from ctxpred.training.log import LogFormat
+from ctxpred.training.loop import RunKind, RunSettings, describe_row, run_solver, timed_step
+from ctxpred.training.snapshots import RunLock, latest_snapshot
+from ctxpred.training.solvers import write_solver
 
-TRAIN_LOG_COLUMNS = ("iter", "loss", "lr", "step_s")
+CLASSIFIER_LOG = LogFormat(("iter", "loss", "lr", "step_s"),
+                           (("loss", "sigmoid cross-entropy / image", None),))
 DETECTION_DEPLOY = {"caffenet": "groupless_caffenet.prototxt", "vgg16": "vgg16.prototxt"}
 
 
@@ -76,12 +81,10 @@ def write_run_files(run_dir, run, classes, start_iteration=0):
                       len(classes), run.batch_size, [run.seed, start_iteration])
     (run_dir / "train.prototxt").write_text(str(train))
     (run_dir / "deploy.prototxt").write_text(str(deploy_net(run.arch, len(classes))))
-    solver = run_dir / "solver.prototxt"
-    solver.write_text(solver_text(run_dir / "train.prototxt", run_dir / "model", run.iterations,
-                                  run.base_lr, run.stepsize, run.snapshot or 10 ** 9,
-                                  random_seed=run.seed))
+    solver = solver_param(run_dir / "train.prototxt", run_dir / "model", run.iterations,
+                          run.base_lr, run.stepsize, run.snapshot, random_seed=run.seed)
     (run_dir / "run.json").write_text(json.dumps(asdict(run), indent=2) + "\n")
-    return solver
+    return write_solver(solver, run_dir / "solver.prototxt", SOLVER_ORDER)
 
 
 def prepare_init(caffe, run_dir, run, weights=None, images=None, log=print):
@@ -93,9 +96,8 @@ def prepare_init(caffe, run_dir, run, weights=None, images=None, log=print):
     16 x 10 of them, seed ``run.seed``.
     """
     from ctxpred.detection.init_weights import origin_lines, prepare_detection_init
-    from ctxpred.weights.magic_init import (NetUnderInit, analysis_net, build_net, image_batches,
-                                    input_size, summary_lines)
-    from ctxpred.weights.surgery import read_net_param
+    from ctxpred.weights.magic_init import MagicInitSettings, run_magic_init
+    from ctxpred.caffe.netparam import read_net_param
     from ctxpred.weights.files import write_weights
 
     run_dir = Path(run_dir)
@@ -120,99 +122,50 @@ def prepare_init(caffe, run_dir, run, weights=None, images=None, log=print):
             log(line)
         write_weights(init.weights, out)
         return out
-    seeds = np.random.SeedSequence(run.seed)
-    image_rng, init_rng, calibration_rng = map(np.random.default_rng, seeds.spawn(3))
-    caffe.set_random_seed(int(seeds.generate_state(1)[0] & 0x7FFFFFFF))
-    net_param = read_net_param(deploy)
-    shape = (16, 3, *input_size(net_param))
-    analysis, _ = analysis_net(net_param, shape)
-    batches = [{"data": batch} for batch in
-               image_batches(images, 16, 10, shape[2:], 1.0, image_rng, log)]
-    net = build_net(caffe, analysis)
-    subject = NetUnderInit(net, analysis, batches)
-    done = subject.initialize(rng=init_rng, log=log)
-    subject.release_batches(keep=1)
-    calibration = subject.calibrate(calibration_rng, log=log)
-    for line in summary_lines(subject, done, calibration.statistics, calibration):
+    result = run_magic_init(caffe, read_net_param(deploy), images,
+                            MagicInitSettings(seed=run.seed), source=deploy, log=log)
+    for line in result.lines:
         log(line)
-    write_weights({name: [blob.data for blob in blobs] for name, blobs in net.params.items()},
-                  out)
+    write_weights(result.weights, out)
     return out
 
 
+def classifier_kind(run):
+    """The :class:`RunKind` of a run: loss and learning rate per step."""
+    def stepper(solver):
+        loss = solver.net.blobs["loss"]
+
+        def step():
+            step_s = timed_step(solver)
+            lr = run.base_lr * SOLVER["gamma"] ** ((solver.iter - 1) // run.stepsize)
+            return dict(iter=solver.iter, loss=float(loss.data), lr=lr, step_s=round(step_s, 3))
+        return step
+    return RunKind(CLASSIFIER_LOG, stepper, "loss", describe_row)
+
+
 def train_classifier(caffe, run_dir, run, init=None, progress=None, log=print):
-    """Train (resuming from the newest snapshot); returns (final weights path, stop reason)."""
+    """Train (resuming from the newest snapshot); returns (final weights path, stop reason).
+
+    ``init``: the caffemodel a fresh run starts from. The final weights are
+    written when training stops cleanly.
+    """
     run_dir = Path(run_dir)
     classes = read_split(run.dataset, run.test_split).classes
-    for name in STOP_FILES:
-        if (run_dir / name).exists():
-            (run_dir / name).unlink()
-            log(f"removed the '{name}' file left by the previous session")
-    resume = latest_snapshot(run_dir)
-    solver = caffe.get_solver(str(write_run_files(run_dir, run, classes,
-                                                  resume[0] if resume else 0)))
-    if resume:
-        solver.restore(str(resume[1]))
-        log(f"resuming from {resume[1]} (iteration {solver.iter})")
-    elif init is not None:
-        solver.net.copy_from(str(init))
-        log(f"initial weights: {init}")
-    net = solver.net
-    log_path = run_dir / "train.log"
-    rows = log_path.read_text().splitlines()[1:] if resume and log_path.exists() else []
-    kept = [row for row in rows if row and int(row.split("\t")[0]) <= solver.iter]
-    log_path.write_text("".join(line + "\n" for line in ["\t".join(TRAIN_LOG_COLUMNS)] + kept))
-    reason, start = "max_iter", solver.iter
-    with StopRequests(run_dir) as stop:
-        while solver.iter < run.iterations:
-            started = time.perf_counter()
-            solver.step(1)
-            lr = run.base_lr * 0.5 ** ((solver.iter - 1) // run.stepsize)
-            row = dict(iter=solver.iter, loss=float(net.blobs["loss"].data), lr=lr,
-                       step_s=round(time.perf_counter() - started, 3))
-            if not np.isfinite(row["loss"]):
-                raise FloatingPointError(f"the loss became {row['loss']} at iteration "
-                                         f"{solver.iter}: lower --lr")
-            with open(log_path, "a") as handle:
-                handle.write("\t".join(str(row[key]) for key in TRAIN_LOG_COLUMNS) + "\n")
-            if progress:
-                progress(row)
-            if stop.requested():
-                reason = stop.reason
-                break
-    if solver.iter > start:
-        solver.snapshot()
     final = run_dir / "final.caffemodel"
-    net.save(str(final))
-    plot_training(log_path, run_dir / "training.png")
-    with open(run_dir / "events.log", "a") as events:
-        events.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} stopped at iteration "
-                     f"{solver.iter} ({reason})\n")
-    log(f"stopped at iteration {solver.iter} ({reason}); weights {final}")
-    return final, reason
 
+    def initialize(net):
+        if init is not None:
+            net.copy_from(str(init))
+            log(f"initial weights: {init}")
 
-def plot_training(log_path, path, window=20):
-    """training.png: the loss per step and its running mean over ``window`` steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [line.split("\t") for line in Path(log_path).read_text().splitlines()[1:] if line]
-    if not rows:
-        return
-    steps = np.array([int(row[0]) for row in rows])
-    loss = np.array([float(row[1]) for row in rows])
-    smooth = np.convolve(loss, np.ones(window) / window, mode="valid") \
-        if len(loss) >= window else loss
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.plot(steps, loss, lw=0.5, alpha=0.5, label="loss per step")
-    axes.plot(steps[len(steps) - len(smooth):], smooth, label=f"mean of {window}")
-    axes.set(xlabel="iteration", ylabel="sigmoid cross-entropy / image",
-             title=Path(path).parent.name)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    with RunLock(run_dir) as lock:
+        resume = latest_snapshot(run_dir)
+        solver_path = write_run_files(run_dir, run, classes, resume[0] if resume else 0)
+        result = run_solver(caffe, solver_path, run_dir, classifier_kind(run),
+                            RunSettings(run.iterations), progress, log, lock, initialize,
+                            finish=lambda net: net.save(str(final)))
+    log(f"final weights: {final}")
+    return final, result["reason"]
 
 
 def precision_recall(labels, scores):

@@ -20,14 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctxpred.data.images import open_source
-from ctxpred.weights.magic_init import (ZERO_TOLERANCE, NetUnderInit, analysis_net, build_net,
-                                image_batches, input_size, summary_lines)
-from ctxpred.models.context import NET_NAMES
+from ctxpred.caffe.netparam import net_param_shapes, read_net_param
 from ctxpred.data.preprocess import PROJECTION_AXIS, projection_matrix
-from ctxpred.weights.surgery import (batchnorm_pairs, compare_shapes, fold_batchnorm, load_params,
-                             net_param_shapes, net_params, read_net_param)
+from ctxpred.models.context import NET_NAMES
 from ctxpred.weights.files import read_weights
+from ctxpred.weights.magic_init import ZERO_TOLERANCE, MagicInitSettings, run_magic_init
+from ctxpred.weights.surgery import batchnorm_pairs, compare_shapes, fold_batchnorm
 
 DETECTION_PROTOTXTS = {"color_dropping": "groupless_caffenet.prototxt",
                        "projection": "groupless_caffenet.prototxt",
@@ -157,37 +155,21 @@ def prepare_detection_init(caffe, weights_path, net_name, images, context_def, d
     context_param = read_net_param(context_def)
     weights = read_weights(weights_path)
     detection_param = read_net_param(detection_def)
-    source = open_source(images) if isinstance(images, str) else images
-    seeds = np.random.SeedSequence(seed)
-    image_rng, init_rng, calibration_rng = map(np.random.default_rng, seeds.spawn(3))
-    caffe.set_random_seed(int(seeds.generate_state(1)[0] & 0x7FFFFFFF))  # Dropout masks
-    shape = (batch_size, 3, *input_size(detection_param))
-    analysis, notes = analysis_net(detection_param, shape)
-    for note in notes:
-        log(note)
-    detection_shapes = net_param_shapes(analysis, detection_def)  # Caffe would abort this process
+    detection_shapes = net_param_shapes(detection_param, detection_def)
     kept, steps, dropped = context_conv_weights(weights, context_param, net_name,
                                                 detection_shapes, weights_path)
-    top = next(layer.top[0] for layer in analysis.layer if layer.type == "Input")
-    batches = [{top: batch} for batch in
-               image_batches(source, batch_size, iterations, shape[2:], 1.0, image_rng, log)]
-    net = build_net(caffe, analysis)
-    load_params(net, kept, strict=False)
-    subject = NetUnderInit(net, analysis, batches, log)
-    done = subject.initialize(bias, "elwise", mem_limit_mb, init_rng, log)
-    subject.release_batches(keep=1)  # -cs uses the first batch only
-    calibration = subject.calibrate(calibration_rng, log=log)
-    statistics = calibration.statistics  # its last pass: the final weights on that batch
+    settings = MagicInitSettings(batch_size, iterations, bias=bias, mem_limit_mb=mem_limit_mb,
+                                 seed=seed)
+    result = run_magic_init(caffe, detection_param, images, settings, kept, detection_def, log)
     origins = []
     for name, shapes in detection_shapes.items():
         from_context = name in kept
-        layer_steps = list(steps[name]) if from_context else [done[name]]
-        layer_steps.append(f"-cs x{calibration.factors[name]:.3g}")
+        layer_steps = list(steps[name]) if from_context else [result.done[name]]
+        layer_steps.append(f"-cs x{result.calibration.factors[name]:.3g}")
         origins.append(LayerOrigin(name, tuple(shapes[0]),
                                    FROM_CONTEXT if from_context else FROM_DATA,
                                    tuple(layer_steps)))
-    return DetectionInit(net_params(net), tuple(origins), tuple(dropped),
-                         tuple(summary_lines(subject, done, statistics, calibration)))
+    return DetectionInit(result.weights, tuple(origins), tuple(dropped), result.lines)
 
 
 def origin_lines(init):

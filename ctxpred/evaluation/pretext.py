@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -43,6 +41,7 @@ from matplotlib.figure import Figure
 
 from ctxpred.data.batching import BatchAssembler, PatchPairConfig
 from ctxpred.caffe.env import import_caffe
+from ctxpred.caffe.netparam import instantiate
 from ctxpred.data.images import ImageSource, open_source
 from ctxpred.data.layer import parse_param_str
 from ctxpred.models.context import PATCH, NetOptions, data_layer_params, train_net
@@ -218,15 +217,10 @@ def load_scoring_net(net_name: str, weights: str, options: NetOptions | None = N
     or a factorized / reference head mismatch) or the BatchNorm statistics
     were never accumulated (a net saved before any TRAIN forward pass).
     """
-    caffe = import_caffe()
     params = read_weights(weights)
     if options is None:
         options = NetOptions(factorized_head=FIRST in params)
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "scoring.prototxt")
-        with open(path, "w", encoding="utf-8") as file:
-            file.write(str(scoring_net(net_name, options)))
-        net = caffe.Net(path, caffe.TEST)
+    net = instantiate(scoring_net(net_name, options))
     try:
         load_params(net, params, strict=True)
     except ValueError as error:

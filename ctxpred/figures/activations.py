@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ctxpred.caffe.geometry import layer_window
+
 # Layers whose top has, unit for unit, the geometry of their first bottom.
 _KEEP_GEOMETRY = frozenset({"ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "LRN", "BatchNorm",
                             "Scale", "Bias", "Power", "Dropout", "Eltwise", "Concat", "Slice",
@@ -48,30 +50,10 @@ class ReceptiveField:
                 max(left, 0), min(left + self.size, patch))
 
 
-def _pair(values, first, second, default):
-    """(h, w) of a Caffe kernel / stride / pad field: repeated ``values`` or the _h / _w fields."""
-    if first or second:
-        return first, second
-    values = list(values) if not isinstance(values, int) else [values]
-    if not values:
-        return default, default
-    return values[0], values[-1]
-
-
 def _geometry(layer):
-    """(kernel, stride, pad) of a Convolution or Pooling layer; ValueError for non-square ones."""
-    if layer.type == "Convolution":
-        conv = layer.convolution_param
-        kernel = _pair(conv.kernel_size, conv.kernel_h, conv.kernel_w, 1)
-        stride = _pair(conv.stride, conv.stride_h, conv.stride_w, 1)
-        pad = _pair(conv.pad, conv.pad_h, conv.pad_w, 0)
-        dilation = conv.dilation[0] if len(conv.dilation) else 1
-        kernel = tuple(dilation * (k - 1) + 1 for k in kernel)
-    else:
-        pool = layer.pooling_param
-        kernel = _pair(pool.kernel_size, pool.kernel_h, pool.kernel_w, 1)
-        stride = _pair(pool.stride, pool.stride_h, pool.stride_w, 1)
-        pad = _pair(pool.pad, pool.pad_h, pool.pad_w, 0)
+    """(kernel extent, stride, pad) of a Convolution or Pooling layer; ValueError for non-square ones."""
+    window = layer_window(layer)
+    kernel, stride, pad = window.extent, window.stride, window.pad
     if kernel[0] != kernel[1] or stride[0] != stride[1] or pad[0] != pad[1]:
         raise ValueError(f"layer {layer.name}: receptive fields need square kernels, strides "
                          "and pads")

@@ -31,16 +31,18 @@ Units: blobs are float32 in the net's own units; with images, the input is
 BGR pixel values in [0, 255] minus :data:`MEAN_BGR`, times a scale.
 """
 import math
-import tempfile
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 import scipy.sparse
 
-from ctxpred.caffe.env import import_caffe
+from ctxpred.caffe.geometry import Window, layer_window
+from ctxpred.caffe.netparam import instantiate, net_param_shapes, phase_layers
 from ctxpred.data.images import ImageError, decode_rgb, open_source
+from ctxpred.weights.files import read_weights
+from ctxpred.weights.surgery import load_params, net_params
 
 BASES = ("elwise", "pca", "zca", "kmeans", "rand")
 FAST_PREFIX = "fast_"
@@ -86,19 +88,6 @@ def _is_stripped(layer_type):
     return layer_type in STRIPPED_TYPES or layer_type.endswith("Loss")
 
 
-def _in_train_phase(layer, train):
-    """Whether Caffe keeps ``layer`` in the TRAIN phase (include / exclude rules by phase only)."""
-    if layer.include:
-        return any(not rule.HasField("phase") or rule.phase == train for rule in layer.include)
-    return not any(rule.HasField("phase") and rule.phase == train for rule in layer.exclude)
-
-
-def train_layers(net_param):
-    """The LayerParameters of ``net_param`` that Caffe builds in the TRAIN phase."""
-    train = import_caffe().proto.caffe_pb2.TRAIN
-    return [layer for layer in net_param.layer if _in_train_phase(layer, train)]
-
-
 def input_size(net_param):
     """(height, width) that images are resized to for ``net_param``'s input.
 
@@ -107,7 +96,7 @@ def input_size(net_param):
     new_width; else :data:`DEFAULT_SIDE` square. Raises MagicInitError when
     the net has no input layer or its input is not 4-D with 3 channels.
     """
-    inputs = [layer for layer in train_layers(net_param) if layer.type in INPUT_TYPES]
+    inputs = [layer for layer in phase_layers(net_param, "train") if layer.type in INPUT_TYPES]
     if not inputs:
         raise MagicInitError(f"the net has no input layer ({', '.join(INPUT_TYPES)})")
     layer = inputs[0]
@@ -155,7 +144,7 @@ def analysis_net(net_param, input_shape=None, dropout="train"):
     del analysis.layer[:]
     analysis.force_backward = True
     notes, renamed, produced, computing = [], {}, set(), False
-    for original in train_layers(net_param):
+    for original in phase_layers(net_param, "train"):
         layer = type(original)()
         layer.CopyFrom(original)
         layer.ClearField("include")
@@ -216,14 +205,6 @@ def _image_input(layer, input_shape):
     replacement = type(layer)(name=layer.name, type="Input", top=[layer.top[0]])
     replacement.input_param.shape.add(dim=list(input_shape))
     return replacement
-
-
-def build_net(caffe, net_param):
-    """A pycaffe Net of ``net_param`` in the TRAIN phase (the phase magic init works in)."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder, "net.prototxt")
-        path.write_text(str(net_param), encoding="utf-8")
-        return caffe.Net(str(path), caffe.TRAIN)
 
 
 def image_batches(source, batch_size, batches, size, scale=1.0, rng=None, log=print):
@@ -374,7 +355,7 @@ class NetUnderInit:
     Parameters
     ----------
     net : caffe.Net
-        Built from ``net_param`` (e.g. by :func:`build_net` of
+        Built from ``net_param`` (e.g. by :func:`ctxpred.caffe.netparam.instantiate` in the TRAIN phase of
         :func:`analysis_net`), with ``force_backward`` for :meth:`calibrate`.
     net_param : NetParameter
         Its definition; the layer parameters (kernel, stride, pad, dilation,
@@ -788,36 +769,19 @@ def _scale_outputs(weights, factors, layer_param):
 class _ConvGeometry:
     """Where a 2-D Convolution reads its input (N, C, H, W) from."""
 
-    kernel: tuple
-    stride: tuple
-    pad: tuple
-    dilation: tuple
+    window: Window
     input_shape: tuple
 
     @classmethod
     def of(cls, layer_param, input_shape):
-        param = layer_param.convolution_param
-        if len(input_shape) != 4 or param.axis not in (1, -3):
+        if len(input_shape) != 4 or layer_param.convolution_param.axis not in (1, -3):
             raise MagicInitError(f"layer {layer_param.name}: only 2-D convolutions over axis 1 "
                                  "have patches for data-based types; use -t elwise")
-
-        def pair(values, default, height=None, width=None):
-            """(h, w) from Caffe's repeated field, or its _h / _w fields when set."""
-            if height and (param.HasField(height) or param.HasField(width)):
-                return getattr(param, height), getattr(param, width)
-            values = list(values) or [default]
-            return values[0], values[-1]
-
-        return cls(pair(param.kernel_size, 1, "kernel_h", "kernel_w"),
-                   pair(param.stride, 1, "stride_h", "stride_w"),
-                   pair(param.pad, 0, "pad_h", "pad_w"), pair(param.dilation, 1),
-                   tuple(input_shape))
+        return cls(layer_window(layer_param), tuple(input_shape))
 
     @property
     def output_size(self):
-        return tuple((self.input_shape[2 + axis] + 2 * self.pad[axis]
-                      - self.dilation[axis] * (self.kernel[axis] - 1) - 1) // self.stride[axis] + 1
-                     for axis in (0, 1))
+        return self.window.output_size(*self.input_shape[2:])
 
     @property
     def positions(self):
@@ -826,16 +790,17 @@ class _ConvGeometry:
 
     @property
     def patch_size(self):
-        return self.input_shape[1] * self.kernel[0] * self.kernel[1]
+        return self.input_shape[1] * self.window.kernel[0] * self.window.kernel[1]
 
     def patches(self, data, picked):
         """(len(picked), C * kh * kw) patches at flat output positions ``picked`` of ``data``."""
-        (pad_h, pad_w), (height, width) = self.pad, self.output_size
+        window, (height, width) = self.window, self.output_size
+        (pad_h, pad_w), (stride_h, stride_w), (dilation_h, dilation_w) = (
+            window.pad, window.stride, window.dilation)
         padded = np.pad(data, ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)))
-        extent = tuple(self.dilation[axis] * (self.kernel[axis] - 1) + 1 for axis in (0, 1))
-        windows = np.lib.stride_tricks.sliding_window_view(padded, extent, axis=(2, 3))
-        windows = windows[:, :, ::self.stride[0], ::self.stride[1], ::self.dilation[0],
-                          ::self.dilation[1]][:, :, :height, :width]
+        windows = np.lib.stride_tricks.sliding_window_view(padded, window.extent, axis=(2, 3))
+        windows = windows[:, :, ::stride_h, ::stride_w, ::dilation_h,
+                          ::dilation_w][:, :, :height, :width]
         image, row, column = np.unravel_index(picked, (self.input_shape[0], height, width))
         return windows[image, :, row, column].reshape(len(picked), -1)
 
@@ -931,3 +896,109 @@ def summary_lines(net_under_init, done, statistics, calibration=None):
                      f"{calibration.rounds} round(s), "
                      f"{'converged' if calibration.converged else 'NOT converged'}")
     return lines
+
+
+@dataclass(frozen=True)
+class MagicInitSettings:
+    """What one magic init run does (the reference's command-line flags).
+
+    batch_size x iterations images (or data-layer batches) give the
+    statistics; ``scale`` multiplies the mean-subtracted BGR images; ``bias``
+    is the target pre-activation mean; ``init_type`` one of :data:`TYPES`;
+    ``mem_limit_mb`` caps gathered patches and kept activations (MB);
+    ``calibrate`` is -cs; ``zero`` is -z (every layer initialised);
+    ``dropout`` one of :data:`DROPOUT_MODES`; ``seed`` seeds the image
+    order, the weights, -cs's diffs and Caffe's RNG (the Dropout masks).
+    """
+
+    batch_size: int = 16
+    iterations: int = 10
+    scale: float = 1.0
+    bias: float = 0.1
+    init_type: str = "elwise"
+    mem_limit_mb: float = 500
+    calibrate: bool = True
+    zero: bool = False
+    dropout: str = "train"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MagicInitResult:
+    """The weights {layer: [arrays]} a run made, what it did per layer, and its summary table."""
+
+    weights: dict
+    done: dict
+    calibration: object
+    lines: tuple
+
+
+def _feed(net_param, images, settings, rng, log):
+    """(analysis NetParameter, image batches or None) for ``images`` (None: the data layers)."""
+    shape = None
+    if images is not None:
+        shape = (settings.batch_size, 3, *input_size(net_param))
+        images = open_source(images) if isinstance(images, str) else images
+    analysis, notes = analysis_net(net_param, shape, settings.dropout)
+    for note in notes:
+        log(note)
+    if images is None:
+        return analysis, None
+    top = next(layer.top[0] for layer in analysis.layer if layer.type == "Input")
+    return analysis, [{top: batch} for batch in image_batches(
+        images, settings.batch_size, settings.iterations, shape[2:], settings.scale, rng, log)]
+
+
+def _start_weights(net, weights, zero, log):
+    if isinstance(weights, (str, os.PathLike)):
+        weights, origin = read_weights(weights), weights
+    else:
+        origin = "the given weights"
+    if weights:
+        copied = load_params(net, weights, strict=False)
+        log(f"loaded {', '.join(copied) or 'no layer'} from {origin}")
+        unused = [name for name in weights if name not in net.params]
+        if unused:
+            log(f"not in the net (ignored): {', '.join(unused)}")
+    if zero:
+        for blobs in net.params.values():
+            for blob in blobs:
+                blob.data[...] = 0
+
+
+def run_magic_init(caffe, net_param, images=None, settings=MagicInitSettings(), weights=None,
+                   source=None, log=print):
+    """Magic init of NetParameter ``net_param``, end to end; returns a :class:`MagicInitResult`.
+
+    caffe: pycaffe with its device selected. images: what
+    :func:`ctxpred.data.images.open_source` opens, or an ImageSource; None
+    feeds the net's own Data / ImageData layers (TRAIN phase). weights: a
+    caffemodel path or {layer: [arrays]}, loaded first by name (their non-zero layers are kept,
+    only rescaled by -cs). source: the prototxt's file name for errors.
+    Raises ValueError (MagicInitError included) naming the layer or file that
+    does not fit; the net is checked in a child process first (Caffe would
+    abort this one).
+    """
+    seeds = np.random.SeedSequence(settings.seed)
+    image_rng, init_rng, calibration_rng = map(np.random.default_rng, seeds.spawn(3))
+    caffe.set_random_seed(int(seeds.generate_state(1)[0] & 0x7FFFFFFF))
+    analysis, batches = _feed(net_param, images, settings, image_rng, log)
+    net_param_shapes(analysis, source)
+    net = instantiate(analysis, "train")
+    _start_weights(net, weights, settings.zero, log)
+    if batches is None:
+        batches = data_layer_batches(net, settings.iterations)
+    subject = NetUnderInit(net, analysis, batches, log)
+    done = subject.initialize(settings.bias, settings.init_type, settings.mem_limit_mb, init_rng,
+                              log)
+    calibration = None
+    if settings.calibrate:
+        subject.release_batches(keep=1)  # -cs and its statistics use the first batch only
+        calibration = subject.calibrate(calibration_rng, log=log)
+    # With -cs the last calibration pass measured the final weights' pre-activations.
+    statistics = calibration.statistics if calibration else subject.statistics()
+    lines = summary_lines(subject, done, statistics, calibration)
+    lines.append("pre-activation statistics: " + (
+        "the calibration batch (the first), final weights" if calibration
+        else f"all {settings.iterations} batches"))
+    return MagicInitResult(net_params(net), done, calibration, tuple(lines))

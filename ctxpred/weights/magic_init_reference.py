@@ -87,14 +87,6 @@ def write_list_file(paths, list_file):
     return list_file
 
 
-def build_reference_net(caffe, net_param):
-    """caffe.Net of ``net_param`` in the TRAIN phase."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder, "net.prototxt")
-        path.write_text(str(net_param), encoding="utf-8")
-        return caffe.Net(str(path), caffe.TRAIN)
-
-
 def _layers(net):
     names = list(net._layer_names)
     return [(index, name, net.layers[index], list(net.bottom_names[name]),
@@ -224,12 +216,12 @@ def run(caffe, prototxt, images, output, batch_size=16, iterations=10, seed=0,
     ``numpy.random.default_rng(seed)``. Writes the net's weights to
     ``output`` (Caffe's binary format) and returns the initialised layers.
     """
-    from ctxpred.weights.surgery import read_net_param
+    from ctxpred.caffe.netparam import instantiate, read_net_param
 
     with tempfile.TemporaryDirectory() as folder:
         list_file = write_list_file(images, Path(folder, "images.txt"))
-        net = build_reference_net(caffe, reference_net_param(read_net_param(prototxt), list_file,
-                                                             batch_size, scale))
+        net = instantiate(reference_net_param(read_net_param(prototxt), list_file, batch_size,
+                                              scale), "train")
     if load is not None:
         net.copy_from(str(load))
     caffe.set_random_seed(seed)

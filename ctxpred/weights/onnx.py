@@ -55,6 +55,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ctxpred.caffe.env import load_caffe
+from ctxpred.caffe.geometry import layer_window
+from ctxpred.caffe.netparam import phase_layers, upgrade_input_header
 from ctxpred.weights.surgery import load_weights_file
 
 MIN_OPSET = 13  # Softmax over one axis, Split's sizes as an input, ReduceSum's axes as an input
@@ -91,12 +93,12 @@ def caffe_to_onnx(net_param, weights, opset=DEFAULT_OPSET):
     if net_param.layers:
         raise UnsupportedLayerError("the net uses the V1 'layers' format; convert it with "
                                     "Caffe's upgrade_net_proto_text first")
-    layers = [layer for layer in net_param.layer if _in_test_phase(layer, net_param.state)]
-    graph = _Graph(opset, _blob_names(net_param, layers))
-    for name, shape in _legacy_inputs(net_param):
-        graph.add_input(name, shape)
+    upgraded = type(net_param)()
+    upgraded.CopyFrom(net_param)
+    layers = phase_layers(upgrade_input_header(upgraded), "test")
+    graph = _Graph(opset, {top for layer in layers for top in layer.top})
     # Graph inputs keep their blob's name; so does the last value of every other blob.
-    inputs = set(net_param.input).union(*(layer.top for layer in layers if layer.type == "Input"))
+    inputs = set().union(*(layer.top for layer in layers if layer.type == "Input"))
     last_writer = {top: index for index, layer in enumerate(layers) for top in layer.top}
     for index, layer in enumerate(layers):
         converter = _CONVERTERS.get(layer.type)
@@ -119,42 +121,12 @@ def caffe_to_onnx(net_param, weights, opset=DEFAULT_OPSET):
         for top, name, shape in zip(layer.top, tops, shapes):
             graph.shapes[name] = tuple(int(size) for size in shape)
             graph.current[top] = name
-    return graph.model(net_param.name or "caffe_net", _net_outputs(net_param, layers))
+    return graph.model(net_param.name or "caffe_net", _net_outputs(layers))
 
 
-def _in_test_phase(layer, state):
-    """Caffe's NetStateRule check for the TEST phase with the net's level and stages."""
-    def meets(rule):
-        return not ((rule.HasField("phase") and rule.phase != 1)  # caffe_pb2.TEST == 1
-                    or (rule.HasField("min_level") and state.level < rule.min_level)
-                    or (rule.HasField("max_level") and state.level > rule.max_level)
-                    or any(stage not in state.stage for stage in rule.stage)
-                    or any(stage in state.stage for stage in rule.not_stage))
-    if layer.include:
-        return any(meets(rule) for rule in layer.include)
-    return not any(meets(rule) for rule in layer.exclude)
-
-
-def _legacy_inputs(net_param):
-    """(name, shape) of the NetParameter-level inputs (``input`` with input_shape / input_dim)."""
-    names = list(net_param.input)
-    if net_param.input_shape:
-        shapes = [tuple(shape.dim) for shape in net_param.input_shape]
-    else:
-        dims = list(net_param.input_dim)
-        shapes = [tuple(dims[4 * i:4 * i + 4]) for i in range(len(dims) // 4)]
-    if len(shapes) != len(names):
-        raise ValueError(f"the net declares {len(names)} inputs but {len(shapes)} input shapes")
-    return list(zip(names, shapes))
-
-
-def _blob_names(net_param, layers):
-    return set(net_param.input) | {top for layer in layers for top in layer.top}
-
-
-def _net_outputs(net_param, layers):
+def _net_outputs(layers):
     """Caffe's net outputs: blobs no later layer reads, in the order they were written."""
-    available = dict.fromkeys(net_param.input)
+    available = {}
     for layer in layers:
         for bottom in layer.bottom:
             available.pop(bottom, None)
@@ -247,27 +219,6 @@ def _axis(layer, axis, ndim):
     return axis % ndim
 
 
-def _spatial(layer, values, value_h, value_w, default, count, what):
-    """A per-spatial-axis setting of ConvolutionParameter (repeated, or _h / _w for 2-D)."""
-    param = layer.convolution_param
-    if param.HasField(f"{what}_h") or param.HasField(f"{what}_w"):
-        if count != 2:
-            raise UnsupportedLayerError(f"layer {layer.name!r}: {what}_h / {what}_w need a 2-D "
-                                        "convolution")
-        return [value_h, value_w]
-    values = list(values)
-    if not values:
-        if default is None:
-            raise ValueError(f"layer {layer.name!r} (Convolution) has no kernel size")
-        return [default] * count
-    if len(values) == 1:
-        return values * count
-    if len(values) != count:
-        raise ValueError(f"layer {layer.name!r} (Convolution): {len(values)} values of {what} "
-                         f"for {count} spatial axes")
-    return values
-
-
 def _input(graph, layer, bottoms, tops, weights):
     shapes = [tuple(shape.dim) for shape in layer.input_param.shape]
     if len(shapes) == 1:
@@ -286,13 +237,12 @@ def _convolution(graph, layer, bottoms, tops, weights):
     if _axis(layer, param.axis, len(shape)) != 1:
         raise UnsupportedLayerError(f"layer {layer.name!r} (Convolution): channel axis "
                                     f"{param.axis} (ONNX Conv needs axis 1)")
-    count = len(shape) - 2
-    kernel = _spatial(layer, param.kernel_size, param.kernel_h, param.kernel_w, None, count,
-                      "kernel")
-    pad = _spatial(layer, param.pad, param.pad_h, param.pad_w, 0, count, "pad")
-    stride = _spatial(layer, param.stride, param.stride_h, param.stride_w, 1, count, "stride")
-    dilation = list(param.dilation) or [1]
-    dilation = dilation * count if len(dilation) == 1 else dilation
+    if len(shape) != 4:
+        raise UnsupportedLayerError(f"layer {layer.name!r} (Convolution): only 2-D "
+                                    f"convolutions are exported (input {shape})")
+    window = layer_window(layer)
+    kernel, pad, stride, dilation = (list(window.kernel), list(window.pad), list(window.stride),
+                                     list(window.dilation))
     group, outputs = param.group, param.num_output
     if shape[1] % group or outputs % group:
         raise ValueError(f"layer {layer.name!r} (Convolution): group {group} does not divide "
@@ -314,15 +264,8 @@ def _pooling_geometry(layer, shape):
     if len(shape) != 4:
         raise ValueError(f"layer {layer.name!r} (Pooling) needs a 4-axis input, got {shape}")
     height, width = shape[2:]
-    if param.global_pooling:
-        kernel, pad, stride = (height, width), (0, 0), (1, 1)
-    else:
-        kernel = ((param.kernel_h, param.kernel_w) if param.HasField("kernel_h")
-                  else (param.kernel_size, param.kernel_size))
-        pad = ((param.pad_h, param.pad_w) if param.HasField("pad_h")
-               else (param.pad, param.pad))
-        stride = ((param.stride_h, param.stride_w) if param.HasField("stride_h")
-                  else (param.stride, param.stride))
+    window = layer_window(layer).for_input(height, width)
+    kernel, pad, stride = window.kernel, window.pad, window.stride
     ceil = param.round_mode == type(param).CEIL
     sides = []
     for size, k, p, s in zip((height, width), kernel, pad, stride):

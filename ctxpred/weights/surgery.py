@@ -11,23 +11,14 @@
   with block-diagonal weights (:func:`groupless_weights`), drop a layer and
   all after it (:func:`drop_layers_from`, the "no fc6" models).
 
-The layer graph comes from a Caffe NetParameter (:func:`read_net_param`),
+The layer graph comes from a Caffe NetParameter (:func:`ctxpred.caffe.netparam.read_net_param`),
 so the functions work for any layer names.
 """
-import json
-import os
-import re
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from google.protobuf import text_format
-from google.protobuf.message import Message
 
-from ctxpred.caffe.env import import_caffe, load_caffe
+from ctxpred.caffe.netparam import param_shapes
 from ctxpred.weights.files import read_weights
 
 FIRST, SECOND = "fc7_first", "fc7_second"
@@ -54,140 +45,6 @@ def to_reference_head(params):
     (first,), (second, bias) = params.pop(FIRST), params.pop(SECOND)
     params["fc7"] = [np.concatenate([first, second], axis=1), bias.copy()]
     return params
-
-
-def param_shapes(net):
-    """{layer: [blob shape tuples]} of a pycaffe Net's parameters."""
-    return {name: [blob.data.shape for blob in blobs] for name, blobs in net.params.items()}
-
-
-def read_net_param(path):
-    """The caffe_pb2.NetParameter of a prototxt file (protobuf text format).
-
-    A legacy ``input:`` header (as in the 2015 released deploy nets) becomes
-    an Input layer. Raises FileNotFoundError naming a missing file, and
-    ValueError naming a file that is not a net definition (not text, a syntax
-    error, no layers, or the V1 ``layers`` format that Caffe upgrades on load)
-    and the first layer whose type this Caffe build lacks or that reads a blob
-    no earlier layer writes (building it would abort the process).
-    """
-    path = Path(path)
-    net_param = _read_prototxt(path, import_caffe().proto.caffe_pb2.NetParameter(),
-                               "net definition")
-    if net_param.layers:
-        raise ValueError(f"{path} uses Caffe's V1 'layers' format; convert it with Caffe's "
-                         "upgrade_net_proto_text")
-    if net_param.input:
-        _input_header_to_layers(net_param)
-    if not net_param.layer:
-        raise ValueError(f"{path} defines no layers")
-    known, written = set(import_caffe().layer_type_list()), set()
-    for layer in net_param.layer:
-        if layer.type not in known:
-            raise ValueError(f"{path}: layer {layer.name!r} has type {layer.type!r}, which this "
-                             f"Caffe build does not have")
-        for bottom in layer.bottom:
-            if bottom not in written:
-                raise ValueError(f"{path}: layer {layer.name!r} reads blob {bottom!r}, which no "
-                                 "earlier layer writes")
-        written.update(layer.top)
-    return net_param
-
-
-def read_solver_param(path):
-    """The caffe_pb2.SolverParameter of a solver prototxt, checked before Caffe reads it.
-
-    Raises FileNotFoundError naming a missing file and ValueError naming one
-    that is not a solver definition (Caffe would abort the process on it).
-    """
-    return _read_prototxt(Path(path), import_caffe().proto.caffe_pb2.SolverParameter(),
-                          "solver definition")
-
-
-def _read_prototxt(path, message, what):
-    """Parse the text-format protobuf file ``path`` into ``message``, naming the file on error."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        text_format.Merge(path.read_text(encoding="utf-8"), message)
-    except (text_format.ParseError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a Caffe {what} (prototxt): {error}") from None
-    return message
-
-
-def _input_header_to_layers(net_param):
-    """Replace ``input:`` / ``input_shape`` / ``input_dim`` by Input layers, in place."""
-    caffe_pb2 = import_caffe().proto.caffe_pb2
-    inputs = []
-    for index, name in enumerate(net_param.input):
-        layer = caffe_pb2.LayerParameter(name=name, type="Input", top=[name])
-        dims = (list(net_param.input_shape[index].dim) if net_param.input_shape
-                else list(net_param.input_dim[4 * index:4 * index + 4]))
-        layer.input_param.shape.add(dim=dims)
-        inputs.append(layer)
-    layers = inputs + list(net_param.layer)
-    for field in ("input", "input_shape", "input_dim", "layer"):
-        net_param.ClearField(field)
-    net_param.layer.extend(layers)
-
-
-def net_param_shapes(net_param, source=None):
-    """{layer: [blob shape tuples]} of the parameters of the net ``net_param`` defines.
-
-    Caffe builds the net in a child process, in the TEST phase (layers
-    restricted to TRAIN are not seen) on the CPU, with every weight / bias
-    filler cleared so that the blobs are zeros and even VGG16 builds in about
-    a second. A net Caffe cannot build (an unknown layer type, a data layer
-    whose source is missing, impossible geometry) would abort the process
-    that builds it; here it raises ValueError naming the net and quoting
-    Caffe's reason (and ``source``, the prototxt's file name, when given).
-    Relative paths in data layers resolve from the current folder; a
-    PatchPairData layer needs its source.
-    """
-    without_fillers = type(net_param)()
-    without_fillers.CopyFrom(net_param)
-    for layer in without_fillers.layer:
-        for _, value in layer.ListFields():
-            if isinstance(value, Message):  # a layer's *_param
-                for name in ("weight_filler", "bias_filler"):
-                    if name in value.DESCRIPTOR.fields_by_name:
-                        value.ClearField(name)
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, GLOG_minloglevel="2",
-               PYTHONPATH=os.pathsep.join(filter(None, [package_root,
-                                                        os.environ.get("PYTHONPATH")])))
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder, "net.prototxt")
-        path.write_text(str(without_fillers), encoding="utf-8")
-        child = subprocess.run(
-            [sys.executable, "-c", "import sys; from ctxpred.weights.surgery import "
-             "_print_param_shapes; _print_param_shapes(sys.argv[1])", str(path)],
-            capture_output=True, text=True, env=env)
-    if child.returncode != 0 or not child.stdout.strip():
-        what = source or f"the net {net_param.name!r}"
-        raise ValueError(f"Caffe cannot build {what}: {_caffe_failure(child.stderr)}")
-    shapes = json.loads(child.stdout.strip().splitlines()[-1])
-    return {name: [tuple(shape) for shape in blobs] for name, blobs in shapes.items()}
-
-
-def _print_param_shapes(prototxt):
-    """Child process of :func:`net_param_shapes`: build the net, print its shapes as JSON."""
-    caffe = load_caffe()
-    from ctxpred.data.layer import close_data_layers  # imports pycaffe's Layer at module level
-    net = caffe.Net(prototxt, caffe.TEST)
-    close_data_layers(net)
-    print(json.dumps(param_shapes(net)))
-
-
-_GLOG_FATAL = re.compile(r"F\d+ \S+ +\d+ \S+\] (.*)")  # glog: F<date> <time> <tid> <file>] msg
-
-
-def _caffe_failure(stderr):
-    """Why a Caffe process failed: glog's fatal message, else the last line (Python's error)."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    fatal = [match.group(1) for match in map(_GLOG_FATAL.match, lines) if match]
-    reason = fatal[0] if fatal else lines[-1] if lines else "no message"
-    return reason if len(reason) <= 300 else reason[:300] + "..."
 
 
 def _format_shapes(shapes):
