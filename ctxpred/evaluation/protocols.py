@@ -200,7 +200,7 @@ def checked_single_labels(train_y, test_y, train_rows, test_rows):
     classes = np.unique(train_y)
     unseen = np.setdiff1d(test_y, classes)
     if len(unseen):
-        raise ProtocolError(f"class {unseen[0]!r} of test_y has no training row")
+        raise ProtocolError(f"class {unseen[0].item()!r} of test_y has no training row")
     return np.searchsorted(classes, train_y), np.searchsorted(classes, test_y), classes
 
 

@@ -14,9 +14,15 @@ ties happen to be stored. Three ways to turn that curve into one number
 - ``"eleven_point"``: VOC2007's mean over recall 0, 0.1, ..., 1 of the best
   precision at or above that recall.
 
-Intervals are percentile intervals of a bootstrap over test rows (images):
-each resample draws the rows with replacement, which is a vector of
-non-negative integer *weights* (how often each row was drawn). Every
+Intervals come from a bootstrap over test rows (images): each resample draws
+the rows with replacement, which is a vector of non-negative integer
+*weights* (how often each row was drawn). They are bias-corrected percentile
+intervals (BC, Efron 1987): AP on a resample, where rows repeat, runs higher
+than on the images themselves (by about 1.4 points at 80 test images, 0.5
+at 600, 0.1 at 5000), so the plain percentiles would sit beside the value
+rather than around it; BC shifts both percentiles by the share of resamples
+below the value, and is the plain percentile interval when that share is
+one half (no bias, e.g. an accuracy). Every
 statistic here takes such weights, (B, N) float64, and returns (B,) values,
 so a metric is recomputed on a resample from the stored scores without
 refitting anything and without copying rows. :func:`difference_interval`
@@ -27,6 +33,7 @@ whole groups of rows (e.g. patches of one image) are drawn together.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -169,8 +176,9 @@ def bootstrap_interval(statistic, rows, resamples=1000, seed=0, confidence=0.95,
 
     statistic: weights (B, rows) -> (B,) values (e.g. a partial of
     :func:`mean_average_precision` or :func:`accuracy`); the value is the
-    statistic with every row once. Resamples where the statistic is NaN
-    (e.g. no positive drawn) are left out of the percentiles.
+    statistic with every row once; [low, high] the BC percentile interval
+    (module doc). Resamples where the statistic is NaN (e.g. no positive
+    drawn) are left out.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
@@ -180,9 +188,19 @@ def bootstrap_interval(statistic, rows, resamples=1000, seed=0, confidence=0.95,
     samples = samples[~np.isnan(samples)]
     if len(samples) == 0:
         return Interval(value, float("nan"), float("nan"), confidence)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(samples, [tail, 1 - tail])
+    low, high = np.quantile(samples, corrected_quantiles(samples, value, confidence))
     return Interval(value, float(low), float(high), confidence)
+
+
+def corrected_quantiles(samples, value, confidence):
+    """(lower, upper) quantile levels of the BC interval (module doc) of ``samples`` about
+    ``value``: Phi(2 z0 -+ z), z0 = Phi^-1(share of samples below value, ties counting half)."""
+    normal = NormalDist()
+    share = (np.sum(samples < value) + 0.5 * np.sum(samples == value)) / len(samples)
+    share = min(max(share, 0.5 / len(samples)), 1 - 0.5 / len(samples))
+    bias = normal.inv_cdf(share)
+    z = normal.inv_cdf(0.5 + confidence / 2)
+    return normal.cdf(2 * bias - z), normal.cdf(2 * bias + z)
 
 
 def difference_interval(statistic_a, statistic_b, rows, resamples=1000, seed=0,
