@@ -40,8 +40,11 @@ from pathlib import Path
 import numpy as np
 
 from ctxpred.caffe.env import load_caffe
-from ctxpred.features.extraction import (DenseFeatureNet, FeatureExtractor, HDF5FeatureWriter,
-                              dense_features, sampled_patches, stream_features)
+from ctxpred.features.dense import dense_features, DenseFeatureNet
+from ctxpred.features.extractor import FeatureExtractor
+from ctxpred.features.patches import sampled_patches
+from ctxpred.features.streaming import stream_features
+from ctxpred.features.writers import HDF5FeatureWriter
 from ctxpred.data.images import decode_rgb, open_source
 from ctxpred.evaluation.pretext import SubsetSource
 

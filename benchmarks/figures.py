@@ -87,7 +87,7 @@ def bare_forward_child(weights, batch, patches, log_path, result_path):
     from ctxpred.caffe.env import load_caffe
 
     load_caffe(gpu=None)
-    from ctxpred.features.extraction import FeatureExtractor
+    from ctxpred.features.extractor import FeatureExtractor
 
     features_benchmark = load_module(REPO / "benchmarks" / "features.py", "features_benchmark")
     extractor = FeatureExtractor(str(DEPLOY), weights, "fc6", batch)

@@ -11,10 +11,13 @@ import pytest
 import skimage.data
 import skimage.io
 
-from ctxpred.features.extraction import (DenseFeatureNet, FeatureExtractor, WeightMismatchError,
-                              dense_features, listed_patches, net_stride, read_deploy_param,
-                              read_patch_list, sampled_patches, stream_features,
-                              open_feature_writer)
+from ctxpred.caffe.geometry import net_stride
+from ctxpred.features.dense import dense_features, DenseFeatureNet
+from ctxpred.features.extractor import FeatureExtractor
+from ctxpred.features.nets import read_deploy_param, WeightMismatchError
+from ctxpred.features.patches import listed_patches, read_patch_list, sampled_patches
+from ctxpred.features.streaming import stream_features
+from ctxpred.features.writers import open_feature_writer
 from ctxpred.data.images import open_source
 from ctxpred.models.context import MEAN_RGB, NET_NAMES
 from ctxpred.data.preprocess import apply_augmentations, crop_patches, draw_augmentations

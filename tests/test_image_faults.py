@@ -18,7 +18,7 @@ import skimage.data
 from PIL import Image, ImageOps
 
 from ctxpred.data.batching import BatchAssembler, PatchPairConfig
-from ctxpred.features.extraction import sampled_patches
+from ctxpred.features.patches import sampled_patches
 from ctxpred.data.images import ImageError, decode_rgb, decode_rgb_within, open_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_images_smaller_than_a_patch_are_skipped_at_their_full_size(photo_folder
 PEAK = textwrap.dedent("""
     import sys
     from ctxpred.detection.roidb import DetectionConfig, read_image
-    from ctxpred.features.extraction import sampled_patches
+    from ctxpred.features.patches import sampled_patches
     from ctxpred.data.images import open_source
 
     def status(field):  # kB

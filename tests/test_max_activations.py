@@ -11,7 +11,7 @@ from PIL import Image
 
 from ctxpred.figures.activations import (ReceptiveField, StreamingTopK, masked_patch, receptive_fields,
                                  unit_activations)
-from ctxpred.features.extraction import read_deploy_param
+from ctxpred.features.nets import read_deploy_param
 from ctxpred.figures.max_activations import MaxActivationSettings, max_activations
 
 REPO = Path(__file__).resolve().parents[1]

@@ -121,7 +121,7 @@ def test_paired_difference_and_its_bootstrap_interval(rng):
 
 def test_the_random_net_finds_unaugmented_copies_and_the_tool_compares_nets(
         caffe, photo_folder, tmp_path):
-    from ctxpred.features.extraction import FeatureExtractor
+    from ctxpred.features.extractor import FeatureExtractor
     from ctxpred.evaluation.retrieval_proxy import extractor_ranks
 
     net = caffe.Net(DEPLOY, caffe.TEST)  # the fillers' random weights

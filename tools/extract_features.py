@@ -120,21 +120,24 @@ def main(argv=None):
     except CaffeNotAvailable as error:
         return fail(error)
     # Imported once the arguments are valid: it loads pycaffe.
-    from ctxpred.features import extraction as features
+    from ctxpred.features.extractor import FeatureExtractor
+    from ctxpred.features.patches import listed_patches, read_patch_list, sampled_patches
+    from ctxpred.features.streaming import stream_features
+    from ctxpred.features.writers import open_feature_writer
     from ctxpred.data.images import open_source
 
     try:
-        extractor = features.FeatureExtractor(args.deploy, args.weights, args.layer, args.batch,
-                                               train_param=snapshot_param(args.net))
+        extractor = FeatureExtractor(args.deploy, args.weights, args.layer, args.batch,
+                                     train_param=snapshot_param(args.net))
         if listed:
-            runs = features.read_patch_list(args.patches, args.images)
+            runs = read_patch_list(args.patches, args.images)
             total = len(runs)
-            items = features.listed_patches(runs)
+            items = listed_patches(runs)
         else:
             source = open_source(args.images)
             total = len(source)
-            items = features.sampled_patches(source, args.patches, args.patches_per_image,
-                                             args.seed, args.max_pixels)
+            items = sampled_patches(source, args.patches, args.patches_per_image,
+                                    args.seed, args.max_pixels)
     except (OSError, ValueError) as error:
         return fail(error, exit_code(error))
     if extractor.ignored_layers:
@@ -146,8 +149,8 @@ def main(argv=None):
              "seed": args.seed, "max_pixels": args.max_pixels or 0, "mean_rgb": MEAN_RGB,
              "input": "RGB minus mean_rgb, no scaling (the net normalises each patch)"}
     try:
-        with features.open_feature_writer(args.out, extractor.dim, attrs) as writer:
-            summary = features.stream_features(
+        with open_feature_writer(args.out, extractor.dim, attrs) as writer:
+            summary = stream_features(
                 extractor, tqdm(items, total=total, desc="images", unit="image"), writer)
     except (OSError, ValueError) as error:
         return fail(error, exit_code(error))
