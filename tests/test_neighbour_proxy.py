@@ -1,6 +1,7 @@
-"""The neighbour-quality proxy: keys as described, ranks, chance level, bootstrap, the tool."""
-import importlib.util
+"""The neighbour-quality proxy: keys as described, ranks, chance level, bootstrap, the run."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,19 +9,13 @@ import pytest
 from PIL import Image
 
 from ctxpred.data.images import open_source
-from ctxpred.evaluation.retrieval_proxy import (Augmentation, candidate_counts, paired_difference,
-                                     positive_ranks, retrieval_pairs, retrieval_score)
+from ctxpred.evaluation.retrieval_proxy import (Augmentation, ProxySettings, candidate_counts,
+                                                compare_nets, paired_difference, positive_ranks,
+                                                report_lines, retrieval_pairs, retrieval_score)
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "neighbour_proxy.py"
 DEPLOY = str(REPO / "prototxt" / "color_dropping" / "deploy.prototxt")
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("neighbour_proxy_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -111,15 +106,20 @@ def test_invariant_features_score_one_and_random_features_chance(rng):
 def test_paired_difference_and_its_bootstrap_interval(rng):
     image_ids = np.repeat(np.arange(10), 8)
     hits = rng.random(80) < 0.5
-    assert paired_difference(hits, hits, image_ids, rng) == (0.0, 0.0, 0.0)
-    assert paired_difference(np.ones(80), np.zeros(80), image_ids, rng) == (1.0, 1.0, 1.0)
+    assert paired_difference(hits, hits, image_ids, seed=1) == (0.0, 0.0, 0.0)
+    assert paired_difference(np.ones(80), np.zeros(80), image_ids, seed=1) == (1.0, 1.0, 1.0)
     # A wins on images 0-4 only: the difference is 0.5 and varies with which images are drawn.
     better = (image_ids < 5).astype(bool)
-    difference, low, high = paired_difference(better, np.zeros(80, bool), image_ids, rng)
+    difference, low, high = paired_difference(better, np.zeros(80, bool), image_ids, seed=1)
     assert difference == 0.5 and 0.1 < low < 0.5 < high < 0.9
+    # Whole images are drawn: A winning on half the queries of every image is certain.
+    halves = np.tile([True, False], 40)
+    assert paired_difference(halves, np.zeros(80, bool), image_ids, seed=1) == (0.5, 0.5, 0.5)
+    assert paired_difference(better, np.zeros(80, bool), image_ids, seed=1) == (
+        difference, low, high)
 
 
-def test_the_random_net_finds_unaugmented_copies_and_the_tool_compares_nets(
+def test_the_random_net_finds_unaugmented_copies_and_the_run_compares_nets(
         caffe, photo_folder, tmp_path):
     from ctxpred.features.extractor import FeatureExtractor
     from ctxpred.evaluation.retrieval_proxy import extractor_ranks
@@ -131,25 +131,36 @@ def test_the_random_net_finds_unaugmented_copies_and_the_tool_compares_nets(
     identical = retrieval_pairs(open_source(str(photo_folder)), 6, Augmentation(0, 1.0, 0.0))
     assert (extractor_ranks(extractor, identical) == 0).all()
 
-    out = tmp_path / "proxy.json"
-    assert load_tool().main(["--images", str(photo_folder), "--per-image", "6", "--weights",
-                             weights, weights, "--labels", "a", "b", "--resamples", "50",
-                             "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
+    result = compare_nets(ProxySettings(images=str(photo_folder), weights=(weights, weights),
+                                        labels=("a", "b"), deploy=DEPLOY, per_image=6,
+                                        resamples=50))
     first, second = result["nets"]
     assert result["queries"] == 24 and first["queries"] == 24
     assert first["hits"] == second["hits"] and 0 <= first["accuracy"] <= 1
     assert first["chance"] == pytest.approx(1 / 19)
     assert second["minus_first"] == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    lines = report_lines(result)
+    assert lines[0].startswith(f"24 queries from 4 images of {photo_folder}")
+    assert lines[-1] == "b minus a: +0.0 points, 95% bootstrap interval over images [+0.0, +0.0]"
+
+    out = tmp_path / "proxy.json"
+    done = subprocess.run([sys.executable, str(TOOL), "--images", str(photo_folder),
+                           "--per-image", "6", "--weights", weights, weights, "--labels", "a",
+                           "b", "--resamples", "50", "--json", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-len(lines):] == lines
+    assert json.loads(out.read_text())["nets"] == json.loads(json.dumps(result["nets"]))
 
 
-def test_the_tool_rejects_bad_arguments(tmp_path, capsys):
-    tool = load_tool()
-    with pytest.raises(SystemExit):
-        tool.main(["--images", str(tmp_path), "--weights", str(tmp_path / "none.caffemodel")])
-    assert "does not exist" in capsys.readouterr().err
+def test_the_tool_rejects_bad_arguments(tmp_path):
+    def refused(*flags):
+        done = subprocess.run([sys.executable, str(TOOL), "--images", str(tmp_path), *flags],
+                              capture_output=True, text=True)
+        assert done.returncode == 2
+        return done.stderr
+
+    assert "does not exist" in refused("--weights", str(tmp_path / "none.caffemodel"))
     weights = tmp_path / "w.caffemodel"
     weights.write_bytes(b"")
-    with pytest.raises(SystemExit):
-        tool.main(["--images", str(tmp_path), "--weights", str(weights), "--labels", "a", "b"])
-    assert "one label per --weights" in capsys.readouterr().err
+    assert "one label per --weights" in refused("--weights", str(weights), "--labels", "a", "b")

@@ -30,19 +30,27 @@ Protocol (:func:`retrieval_pairs`, :func:`positive_ranks`):
 Two nets are compared on the same queries and keys (:func:`paired_difference`):
 the difference of their rank-1 accuracies with a bootstrap interval that
 resamples whole images, since queries of one image are correlated.
+:func:`compare_nets` runs the whole protocol for several weight files (what
+tools/neighbour_proxy.py prints and writes); :func:`report_lines` formats it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import cv2
 import numpy as np
 
 from ctxpred.evaluation.pretext import accuracy_with_interval
-from ctxpred.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageSource, decode_rgb_within
-from ctxpred.models.context import PATCH
+from ctxpred.evaluation.statistics import accuracy, difference_interval
+from ctxpred.caffe.netparam import read_net_param
+from ctxpred.data.images import (DEFAULT_MAX_PIXELS, ImageError, ImageSource, decode_rgb_within,
+                                 open_source)
+from ctxpred.features.extractor import FeatureExtractor
 from ctxpred.features.search import normalised
+from ctxpred.models.context import PATCH, snapshot_param
 
 
 @dataclass(frozen=True)
@@ -228,34 +236,109 @@ def retrieval_score(ranks, image_ids, confidence=0.95) -> RetrievalScore:
                           float(np.median(ranks)))
 
 
-def paired_difference(hits_a, hits_b, image_ids, rng, resamples=2000, confidence=0.95):
-    """(difference, low, high): rank-1 accuracy of A minus B on the same queries, with a bootstrap
-    interval.
+def paired_difference(hits_a, hits_b, image_ids, seed=0, resamples=2000, confidence=0.95):
+    """(difference, low, high): rank-1 accuracy of A minus B on the same queries, with a paired
+    bootstrap interval over images.
 
     hits_a, hits_b: (N,) bool, hit or not per query for features A and B;
-    image_ids: (N,) image of each query. Each of ``resamples`` bootstrap
-    samples draws the images with replacement (``rng``, a numpy Generator)
-    and takes all their queries, so the interval accounts for queries of one
-    image succeeding or failing together. [low, high]: the percentile
-    interval at ``confidence``.
+    image_ids: (N,) image of each query. Each of ``resamples`` resamples
+    (seeded by ``seed``) draws the images with replacement and takes all their
+    queries, so the interval accounts for queries of one image succeeding or
+    failing together; A and B are scored on the same resamples
+    (:func:`ctxpred.evaluation.statistics.difference_interval`, BC percentile
+    interval at ``confidence``).
     """
     hits_a, hits_b = np.asarray(hits_a, bool), np.asarray(hits_b, bool)
-    _, image_index = np.unique(image_ids, return_inverse=True)
-    groups = image_index.max() + 1
-    if hits_a.shape != hits_b.shape or image_index.shape != hits_a.shape:
-        raise ValueError(f"need hits and image ids of one shape, got {hits_a.shape}, "
-                         f"{hits_b.shape} and {image_index.shape}")
-    # Per image: queries and hit difference; a resample is a weighted sum over images.
-    queries = np.bincount(image_index, minlength=groups)
-    difference = np.bincount(image_index, hits_a.astype(np.int64) - hits_b, minlength=groups)
-    weights = rng.multinomial(groups, np.full(groups, 1 / groups), size=resamples)
-    samples = (weights @ difference) / (weights @ queries)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(samples, [tail, 1 - tail])
-    return float(difference.sum() / queries.sum()), float(low), float(high)
+    image_ids = np.asarray(image_ids)
+    if hits_a.shape != hits_b.shape or image_ids.shape != hits_a.shape or hits_a.ndim != 1:
+        raise ValueError(f"need hits and image ids of one shape (N,), got {hits_a.shape}, "
+                         f"{hits_b.shape} and {image_ids.shape}")
+    interval = difference_interval(partial(accuracy, hits_a), partial(accuracy, hits_b),
+                                   len(hits_a), resamples, seed, confidence, groups=image_ids)
+    return interval.value, interval.low, interval.high
 
 
 def extractor_ranks(extractor, pairs: RetrievalPairs):
-    """:func:`positive_ranks` of a :class:`ctxpred.features.extraction.FeatureExtractor`'s features."""
+    """:func:`positive_ranks` of a :class:`ctxpred.features.extractor.FeatureExtractor`'s features."""
     return positive_ranks(extractor.extract(pairs.queries), extractor.extract(pairs.keys),
                           pairs.image_ids)
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """One comparison. weights: caffemodels, the first the reference of the differences;
+    labels: one name each. deploy: the deploy prototxt of architecture ``net``.
+    train_prototxt: the training prototxt whose BatchNorm layers are folded (None: the
+    training net of ``net``). max_shift, max_scale, colour_gain: the :class:`Augmentation`.
+    max_pixels: None for full-size images. seed: positions, augmentations and the bootstrap."""
+
+    images: str
+    weights: tuple
+    labels: tuple
+    deploy: str
+    net: str = "color_dropping"
+    train_prototxt: str | None = None
+    layer: str = "fc6"
+    per_image: int = 16
+    max_shift: int = 12
+    max_scale: float = 1.2
+    colour_gain: float = 0.15
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    seed: int = 0
+    resamples: int = 2000
+    batch: int = 64
+
+
+def compare_nets(settings: ProxySettings):
+    """Rank-1 retrieval of every net of ``settings`` on the same queries and keys, as a
+    JSON-ready dict: queries, images, options (the settings) and per net its label, weights,
+    :class:`RetrievalScore` fields and, after the first, ``minus_first`` (difference, low,
+    high). Needs pycaffe loaded; ValueError for weights that do not fit or too few images."""
+    augmentation = Augmentation(settings.max_shift, settings.max_scale, settings.colour_gain)
+    pairs = retrieval_pairs(open_source(settings.images), settings.per_image, augmentation,
+                            settings.seed, settings.max_pixels)
+    train_param = (read_net_param(settings.train_prototxt) if settings.train_prototxt
+                   else snapshot_param(settings.net))
+    ranks = []
+    for path in settings.weights:
+        extractor = FeatureExtractor(settings.deploy, path, settings.layer, settings.batch,
+                                     train_param=train_param)
+        if extractor.ignored_layers:
+            print(f"{path}: layers not in the deploy net, ignored: "
+                  f"{', '.join(extractor.ignored_layers)}")
+        ranks.append(extractor_ranks(extractor, pairs))
+    for name, reason in pairs.skipped.items():
+        print(f"skipped {name}: {reason}")
+    results = {"queries": len(pairs.image_ids), "images": len(np.unique(pairs.image_ids)),
+               "nets": [], "options": dataclasses.asdict(settings)}
+    for label, path, net_ranks in zip(settings.labels, settings.weights, ranks):
+        score = retrieval_score(net_ranks, pairs.image_ids)
+        results["nets"].append({"label": label, "weights": path, **vars(score)})
+    for net_ranks, entry in zip(ranks[1:], results["nets"][1:]):
+        difference, low, high = paired_difference(net_ranks == 0, ranks[0] == 0,
+                                                  pairs.image_ids, settings.seed,
+                                                  settings.resamples)
+        entry["minus_first"] = {"difference": difference, "low": low, "high": high}
+    return results
+
+
+def report_lines(results):
+    """The printed report of :func:`compare_nets`' ``results``: the protocol, a row per net
+    (rank-1 with its Wilson interval, chance, median rank), each net minus the first."""
+    options = results["options"]
+    lines = [f"{results['queries']} queries from {results['images']} images of "
+             f"{options['images']}; keys moved <= {options['max_shift']} px, scaled <= "
+             f"{options['max_scale']:g}x, colour gain <= {options['colour_gain']:g}; "
+             f"{options['layer']}, cosine similarity",
+             f"{'net':30s} {'rank-1':>7s} {'95% Wilson':>17s} {'chance':>7s} "
+             f"{'median rank':>11s}"]
+    for net in results["nets"]:
+        lines.append(f"{net['label']:30s} {net['accuracy']:7.1%} [{net['low']:6.1%}, "
+                     f"{net['high']:6.1%}] {net['chance']:7.2%} {net['median_rank']:11.1f}")
+    first = results["nets"][0]["label"]
+    for net in results["nets"][1:]:
+        difference = net["minus_first"]
+        lines.append(f"{net['label']} minus {first}: {100 * difference['difference']:+.1f} "
+                     f"points, 95% bootstrap interval over images "
+                     f"[{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]")
+    return lines
