@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from ctxpred.detection.proposals import load_proposals
-from ctxpred.detection.voc import box_iou, read_dataset
+from ctxpred.detection.voc import read_dataset
+from ctxpred.detection.boxes import box_iou
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "data" / "make_detection_set.py"

@@ -1,5 +1,5 @@
-"""Fast R-CNN detection on stock Caffe: VOC annotations and AP (``voc``), the
-roidb and box regression (``roidb``), the RoI data layer (``roi_data``), RoI
+"""Fast R-CNN detection on stock Caffe: VOC annotations and AP (``voc``), box
+overlap, NMS and regression (``boxes``), the roidb (``roidb``), the RoI data layer (``roi_data``), RoI
 pooling and smooth L1 layers (``roi_layers``), proposals (``proposals``), the
 offline synthetic scenes (``synthetic_scenes``), initial weights from a
 context model (``init_weights``) and a training/testing run (``run``)."""

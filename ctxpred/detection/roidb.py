@@ -21,7 +21,8 @@ import numpy as np
 
 from ctxpred.data.images import ImageError, decode_rgb_sized
 from ctxpred.detection.proposals import load_proposals
-from ctxpred.detection.voc import box_iou, image_path, nms, read_dataset
+from ctxpred.detection.voc import image_path, read_dataset
+from ctxpred.detection.boxes import apply_box_deltas, box_iou, box_targets, clip_boxes, nms
 
 
 class DatasetError(ValueError):
@@ -101,43 +102,6 @@ def read_classes(dataset):
     if not classes:
         raise DatasetError(f"{path} lists no classes")
     return classes
-
-
-def box_targets(rois, gt_boxes):
-    """Fast R-CNN regression targets (dx, dy, dw, dh) from rois to gt boxes, both (K, 4)."""
-    widths = rois[:, 2] - rois[:, 0] + 1.0
-    heights = rois[:, 3] - rois[:, 1] + 1.0
-    gt_widths = gt_boxes[:, 2] - gt_boxes[:, 0] + 1.0
-    gt_heights = gt_boxes[:, 3] - gt_boxes[:, 1] + 1.0
-    return np.stack([
-        (gt_boxes[:, 0] + 0.5 * gt_widths - rois[:, 0] - 0.5 * widths) / widths,
-        (gt_boxes[:, 1] + 0.5 * gt_heights - rois[:, 1] - 0.5 * heights) / heights,
-        np.log(gt_widths / widths), np.log(gt_heights / heights)], axis=1)
-
-
-def apply_box_deltas(boxes, deltas):
-    """Inverse of :func:`box_targets`: boxes (K, 4), deltas (K, 4C) -> boxes (K, 4C)."""
-    widths = boxes[:, 2:3] - boxes[:, 0:1] + 1.0
-    heights = boxes[:, 3:4] - boxes[:, 1:2] + 1.0
-    centre_x = boxes[:, 0:1] + 0.5 * widths
-    centre_y = boxes[:, 1:2] + 0.5 * heights
-    x = deltas[:, 0::4] * widths + centre_x
-    y = deltas[:, 1::4] * heights + centre_y
-    half_w = 0.5 * np.exp(deltas[:, 2::4]) * widths
-    half_h = 0.5 * np.exp(deltas[:, 3::4]) * heights
-    out = np.empty(deltas.shape, np.float32)
-    out[:, 0::4], out[:, 1::4] = x - half_w, y - half_h
-    out[:, 2::4], out[:, 3::4] = x + half_w, y + half_h
-    return out
-
-
-def clip_boxes(boxes, height, width):
-    """Clip (K, 4C) boxes to the image (0-based pixels)."""
-    boxes[:, 0::4] = np.clip(boxes[:, 0::4], 0, width - 1)
-    boxes[:, 1::4] = np.clip(boxes[:, 1::4], 0, height - 1)
-    boxes[:, 2::4] = np.clip(boxes[:, 2::4], 0, width - 1)
-    boxes[:, 3::4] = np.clip(boxes[:, 3::4], 0, height - 1)
-    return boxes
 
 
 def _entry(image, annotation, proposals, classes, bbox_thresh):

@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ctxpred.detection.boxes import checked_boxes, checked_scores, iou_matrix
+
 ELEVEN_POINT_RECALLS = np.arange(11) / 10
 
 
@@ -313,75 +315,6 @@ def read_dataset(root, split, classes=None) -> list[tuple[str, Annotation]]:
             for image_id in ids]
 
 
-def _as_boxes(boxes, what) -> np.ndarray:
-    """(N, 4) float64 finite VOC boxes with positive +1-convention width and height."""
-    array = np.asarray(boxes, dtype=np.float64)
-    if array.size == 0:
-        return array.reshape(0, 4)
-    if array.ndim != 2 or array.shape[1] != 4:
-        raise ValueError(f"{what}: expected an (N, 4) array of (xmin, ymin, xmax, ymax) boxes, "
-                         f"got shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{what}: box {int(np.flatnonzero(~np.isfinite(array).all(1))[0])} "
-                         "has a non-finite coordinate")
-    empty = (array[:, 2] - array[:, 0] + 1 <= 0) | (array[:, 3] - array[:, 1] + 1 <= 0)
-    if empty.any():
-        row = int(np.flatnonzero(empty)[0])
-        raise ValueError(f"{what}: box {row} {array[row].tolist()} has no area "
-                         "(xmax - xmin + 1 and ymax - ymin + 1 must be positive)")
-    return array
-
-
-def _iou_matrix(a, b) -> np.ndarray:
-    """(N, M) IoU of checked (N, 4) and (M, 4) boxes, +1 pixel convention."""
-    inter_w = np.maximum(np.minimum(a[:, None, 2], b[None, :, 2])
-                         - np.maximum(a[:, None, 0], b[None, :, 0]) + 1, 0)
-    inter_h = np.maximum(np.minimum(a[:, None, 3], b[None, :, 3])
-                         - np.maximum(a[:, None, 1], b[None, :, 1]) + 1, 0)
-    intersection = inter_w * inter_h
-    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
-    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
-    return intersection / (area_a[:, None] + area_b[None, :] - intersection)
-
-
-def box_iou(boxes_a, boxes_b) -> np.ndarray:
-    """Intersection over union of every pair: (N, 4), (M, 4) VOC boxes -> (N, M) float64.
-
-    Pixel-inclusive ("+1") convention: box (1, 1, 10, 10) covers 100 pixels.
-    Boxes may be fractional (detections) but need a positive +1 width/height.
-    """
-    return _iou_matrix(_as_boxes(boxes_a, "boxes_a"), _as_boxes(boxes_b, "boxes_b"))
-
-
-def _as_scores(scores, count, what) -> np.ndarray:
-    array = np.asarray(scores, dtype=np.float64)
-    if array.shape != (count,):
-        raise ValueError(f"{what}: expected {count} scores, got shape {array.shape}")
-    if np.isnan(array).any():
-        raise ValueError(f"{what}: score {int(np.flatnonzero(np.isnan(array))[0])} is NaN")
-    return array
-
-
-def nms(boxes, scores, threshold) -> np.ndarray:
-    """Greedy non-maximum suppression, Fast R-CNN's ``py_cpu_nms`` semantics.
-
-    boxes: (N, 4) VOC boxes; scores: (N,). Repeatedly keeps the best
-    remaining box and drops the remaining boxes whose IoU (+1 convention)
-    with it is above ``threshold`` (IoU equal to it survives). Returns the
-    kept indices as int64, by descending score; equal scores keep the lower
-    index first.
-    """
-    boxes = _as_boxes(boxes, "nms boxes")
-    scores = _as_scores(scores, len(boxes), "nms scores")
-    order = np.argsort(-scores, kind="stable")
-    keep = []
-    while order.size:
-        best, rest = order[0], order[1:]
-        keep.append(best)
-        order = rest[_iou_matrix(boxes[best:best + 1], boxes[rest])[0] <= threshold]
-    return np.array(keep, dtype=np.int64)
-
-
 def voc_ap(recall, precision, use_07_metric=False) -> float:
     """Average precision from a precision/recall curve, as the VOC devkit computes it.
 
@@ -454,8 +387,8 @@ def _detection_arrays(detections, image_index, class_name):
     except ValueError as error:
         raise ValueError(f"class {class_name!r}: detection boxes are not 4 numbers each: "
                          f"{error}") from error
-    boxes = _as_boxes(boxes, f"class {class_name!r} detections")
-    scores = _as_scores([row[1] for row in rows], len(rows), f"class {class_name!r} detections")
+    boxes = checked_boxes(boxes, f"class {class_name!r} detections")
+    scores = checked_scores([row[1] for row in rows], len(rows), f"class {class_name!r} detections")
     images = np.array([image_index[row[0]] for row in rows], dtype=np.int64)
     return images, scores, boxes
 
@@ -488,7 +421,7 @@ def evaluate_class(detections, annotations, class_name, iou_threshold=0.5,
             continue
         start, stop = starts[images[group[0]]], starts[images[group[0]] + 1]
         if stop > start:
-            overlaps = _iou_matrix(boxes[group], gt_boxes[start:stop])
+            overlaps = iou_matrix(boxes[group], gt_boxes[start:stop])
             best = overlaps.argmax(axis=1)
             best_box[group] = start + best
             best_overlap[group] = overlaps[np.arange(group.size), best]
