@@ -8,6 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ctxpred.caffe.cuda_toolkit import ToolkitError, complete_toolkit_root
+
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "build_caffe.sh"
@@ -101,18 +103,13 @@ def test_corrupt_cuda_wheel_leaves_no_half_install(tmp_path):
 
 def test_toolkit_root_gets_what_cmake_needs(tmp_path):
     """Unversioned links, lib64 and run bits on a tree shaped like the wheels' nvidia/cu13."""
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import cuda_toolkit
-    finally:
-        sys.path.pop(0)
     root = tmp_path / "cu13"
     for name in ("bin/nvcc", "include/cuda_runtime.h", "include/cublas_v2.h", "include/curand.h",
                  "lib/libcudart.so.13", "lib/libcublas.so.13", "lib/libcublasLt.so.13",
                  "lib/libcurand.so.10"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("x")
-    cuda_toolkit.complete_toolkit_root(root)
+    complete_toolkit_root(root)
     assert os.access(root / "bin" / "nvcc", os.X_OK)
     assert (root / "lib64").resolve() == (root / "lib").resolve()
     for name, target in (("libcudart.so", "libcudart.so.13"), ("libcurand.so", "libcurand.so.10")):
@@ -120,8 +117,8 @@ def test_toolkit_root_gets_what_cmake_needs(tmp_path):
     (root / "lib" / "libcurand.so").unlink()
     (root / "lib" / "libcurand.so.10").unlink()
     try:
-        cuda_toolkit.complete_toolkit_root(root)
-    except cuda_toolkit.ToolkitError as error:
+        complete_toolkit_root(root)
+    except ToolkitError as error:
         assert "lib/libcurand.so" in str(error)
     else:
         raise AssertionError("a tree without cuRAND was accepted")

@@ -131,7 +131,8 @@ if [ "$cuda" = 1 ]; then
   esac
   if [ "$cuda_toolkit" = pypi ]; then
     mkdir -p "$cache"
-    cuda_root=$("$python" "$here/cuda_toolkit.py" --cache "$cache" --python "$python") ||
+    cuda_root=$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" "$here/cuda_toolkit.py" \
+                  --cache "$cache" --python "$python") ||
       die "could not install the CUDA toolkit wheels (message above); nothing was left in $cache"
   fi
   cuda_version=$("$cuda_root/bin/nvcc" --version | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p')
