@@ -31,6 +31,7 @@ import numpy as np
 
 from ctxpred.data.images import ImageError, decode_rgb
 from ctxpred.detection.voc import AnnotationError, image_path, read_dataset
+from ctxpred.evaluation import statistics
 
 IGNORE_LABEL = 255
 MEAN_BGR = (104.0, 117.0, 123.0)
@@ -221,24 +222,16 @@ def average_precision(labels, scores):
     ``labels``: 0 / 1 / :data:`IGNORE_LABEL` per image; ignored images are
     left out; scores get -1e-5 x label (ties broken against positives, as
     the reference does). AP = sum over distinct score thresholds of
-    (R_n - R_{n-1}) P_n. NaN when no positive is left.
+    (R_n - R_{n-1}) P_n (:func:`ctxpred.evaluation.statistics.average_precision`,
+    ``"steps"``). NaN when no positive is left.
     """
     labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
     if labels.shape != scores.shape or labels.ndim != 1:
         raise ClassificationError(f"labels {labels.shape} and scores {scores.shape} must be "
                                   "two vectors of the same length")
     valid = labels != IGNORE_LABEL
-    truth = labels[valid].astype(np.float64)
-    if truth.sum() == 0:
-        return float("nan")
-    adjusted = scores[valid] - TIE_BREAK * truth
-    order = np.argsort(-adjusted, kind="mergesort")
-    sorted_scores, sorted_truth = adjusted[order], truth[order]
-    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
-    true_positives = np.cumsum(sorted_truth)[last]
-    precision = true_positives / (last + 1)
-    recall = true_positives / truth.sum()
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    truth = labels[valid] == 1
+    return statistics.average_precision(truth, scores[valid] - TIE_BREAK * truth, "steps")
 
 
 def mean_average_precision(labels, scores):
@@ -250,17 +243,21 @@ def mean_average_precision(labels, scores):
     return (float(np.mean(finite)) if finite else float("nan")), aps
 
 
+def map_statistic(labels, scores):
+    """weights (B, n) -> (B,) mAP of (n, classes) ``scores`` on resampled images, scored as
+    :func:`mean_average_precision` (ignored labels left out, ties against positives)."""
+    labels = np.asarray(labels)
+    adjusted = np.asarray(scores, np.float64) - TIE_BREAK * (labels == 1)
+    kept = np.where(labels == IGNORE_LABEL, -1, labels)
+    return lambda weights: statistics.mean_average_precision(kept, adjusted, "steps", weights)
+
+
 def bootstrap_interval(labels, scores, resamples=1000, seed=0, level=0.95):
-    """Percentile interval of the mAP over images resampled with replacement."""
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(resamples):
-        picks = rng.integers(0, len(labels), len(labels))
-        value, _ = mean_average_precision(labels[picks], scores[picks])
-        if not np.isnan(value):
-            values.append(value)
-    tail = (1 - level) / 2
-    return float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))
+    """(low, high): bootstrap interval of the mAP over images resampled with replacement
+    (:func:`ctxpred.evaluation.statistics.bootstrap_interval`)."""
+    interval = statistics.bootstrap_interval(map_statistic(labels, scores), len(labels),
+                                             resamples, seed, level)
+    return interval.low, interval.high
 
 
 def map_difference(labels, first, second, resamples=1000, seed=0, level=0.95):
@@ -269,18 +266,10 @@ def map_difference(labels, first, second, resamples=1000, seed=0, level=0.95):
     if first.shape != second.shape or first.shape != labels.shape:
         raise ClassificationError(f"scores {first.shape} and {second.shape} do not match the "
                                   f"labels {labels.shape}")
-    difference = mean_average_precision(labels, second)[0] - mean_average_precision(labels,
-                                                                                     first)[0]
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(resamples):
-        picks = rng.integers(0, len(labels), len(labels))
-        value = (mean_average_precision(labels[picks], second[picks])[0]
-                 - mean_average_precision(labels[picks], first[picks])[0])
-        if not np.isnan(value):
-            values.append(value)
-    tail = (1 - level) / 2
-    return difference, (float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail)))
+    interval = statistics.difference_interval(map_statistic(labels, second),
+                                              map_statistic(labels, first), len(labels),
+                                              resamples, seed, level)
+    return interval.value, (interval.low, interval.high)
 
 
 def crop_scores(net, images, crops, crop, seed=0, batch_size=16, output="fc8_cls",
