@@ -22,10 +22,12 @@ from ctxpred.evaluation.pretext import (
     accuracy_with_interval,
     confusion_matrix,
     eval_config,
+    evaluate_pretext,
     format_confusion,
     load_scoring_net,
     plot_confusion,
     relative_position_scores,
+    report_lines,
     sample_eval_pairs,
     scoring_net,
 )
@@ -200,6 +202,27 @@ def test_hdf5_and_binary_weights_read_alike(caffe, weights, tmp_path):
 def test_weights_of_the_other_head_layout_are_rejected(caffe, weights):
     with pytest.raises(ValueError, match=r"fc7_first.*without weights.*pair-head layout"):
         load_scoring_net("color_dropping", weights["trained"], NetOptions(factorized_head=True))
+
+
+def test_evaluate_pretext_writes_the_report_of_its_scores(weights, eval_photos, tmp_path):
+    report, json_path, png_path = evaluate_pretext(weights["trained"], "color_dropping",
+                                                   str(eval_photos), 2, PAIRS, 3, tmp_path)
+    assert json_path == tmp_path / "model_iter_1_pretext.json"
+    assert json.loads(json_path.read_text()) == report
+    assert png_path.read_bytes().startswith(b"\x89PNG")
+    # The same pairs scored by hand: the report holds their numbers.
+    net = load_scoring_net("color_dropping", weights["trained"])
+    result = relative_position_scores(net, sample_eval_pairs(
+        str(eval_photos), 2, PAIRS, 3, eval_config("color_dropping")))
+    assert (report["pairs"], report["correct"]) == (result.total, result.correct) == (
+        2 * PAIRS, result.correct)
+    assert report["confusion_matrix"]["counts"] == confusion_matrix(
+        result.labels, result.predictions).tolist()
+    assert report["accuracy"] == accuracy_with_interval(result.correct, result.total)[0]
+    assert report["images_evaluated"] == 2 and not report["factorized_head"]
+    lines = report_lines(report)
+    assert lines[0].startswith(f"relative-position accuracy: {report['accuracy']:.2%}")
+    assert lines[-1] == format_confusion(np.array(report["confusion_matrix"]["counts"]))
 
 
 def run_tool(*args):

@@ -19,7 +19,9 @@ images with 256 pairs each (38.4% on VOC 2007; chance 12.5%). Here:
   the argmax of fc9 per pair.
 - :func:`accuracy_with_interval` (Wilson score interval),
   :func:`confusion_matrix`, :func:`format_confusion` and
-  :func:`plot_confusion` report the result.
+  :func:`plot_confusion` report the result; :func:`evaluate_pretext` runs
+  the whole protocol on a weight file and writes its JSON report and plot
+  (tools/eval_pretext.py), :func:`report_lines` prints it.
 
 Never-trained statistics: Caffe's BatchNorm in TEST phase divides its stored
 mean and variance by the stored scale factor, and takes a factor of 0 (a net
@@ -34,10 +36,12 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 from matplotlib.figure import Figure
+from tqdm import tqdm
 
 from ctxpred.data.batching import BatchAssembler, PatchPairConfig
 from ctxpred.caffe.env import import_caffe
@@ -363,3 +367,79 @@ def plot_confusion(matrix: np.ndarray, path: str, title: str,
     axes.set_ylabel("true position of the second patch")
     axes.set_title(title)
     figure.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------
+# The whole evaluation of a weight file
+
+CHANCE = 1 / NUM_LABELS
+
+
+def pretext_report(net_name, weights, images, pairs: EvalPairs, result: PositionPredictions,
+                   factorized):
+    """The JSON-ready report of ``result`` (pairs of ``pairs`` drawn from ``images``)."""
+    accuracy, low, high = accuracy_with_interval(result.correct, result.total)
+    matrix = confusion_matrix(result.labels, result.predictions)
+    return {
+        "weights": str(weights), "net": net_name, "factorized_head": factorized,
+        "images": images, "images_requested": len(pairs),
+        "images_evaluated": len(pairs) - len(pairs.skipped), "images_skipped": pairs.skipped,
+        "pairs_per_image": pairs.config.pairs_per_image, "seed": pairs.seed,
+        "pairs": result.total, "correct": result.correct, "accuracy": accuracy,
+        "chance": CHANCE,
+        "interval": {"method": "Wilson score", "confidence": 0.95, "low": low, "high": high},
+        "loss_per_pair": result.loss / result.total, "position_names": list(POSITION_NAMES),
+        "confusion_matrix": {"rows": "true position", "columns": "predicted position",
+                             "counts": matrix.tolist()},
+    }
+
+
+def evaluate_pretext(weights, net_name="color_dropping", images="data/photos/heldout",
+                     images_count=500, pairs_per_image=256, seed=0, out=None):
+    """Relative-position accuracy of ``weights``: (report, JSON path, PNG path).
+
+    Draws ``pairs_per_image`` pairs from each of ``images_count`` images of
+    ``images`` (:func:`sample_eval_pairs`), scores them with the scoring net
+    (its head layout read off the weights) and writes the :func:`pretext_report`
+    to ``out``/<weights stem>_pretext.json and the confusion matrix to
+    ``out``/<weights stem>_pretext_confusion.png (``out`` None: the weights'
+    folder). Needs pycaffe loaded. ValueError when no image is usable or the
+    weights do not fit.
+    """
+    net = load_scoring_net(net_name, weights)
+    pairs = sample_eval_pairs(images, images_count, pairs_per_image, seed,
+                              eval_config(net_name))
+    result = relative_position_scores(net, tqdm(pairs, desc="images", unit="image"))
+    if result.total == 0:
+        raise ValueError(f"no usable image in {images}")
+    factorized = FIRST in net.params
+    report = pretext_report(net_name, weights, images, pairs, result, factorized)
+    folder = Path(out) if out else Path(weights).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = Path(weights).stem
+    png_path, json_path = folder / f"{stem}_pretext_confusion.png", folder / f"{stem}_pretext.json"
+    interval = report["interval"]
+    plot_confusion(np.array(report["confusion_matrix"]["counts"]), str(png_path),
+                   f"{net_name}{' (factorized head)' if factorized else ''}: "
+                   f"{report['accuracy']:.1%} [{interval['low']:.1%}, {interval['high']:.1%}] "
+                   f"on {result.total} pairs")
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report, json_path, png_path
+
+
+def report_lines(report):
+    """The printed form of a :func:`pretext_report`: skipped images, accuracy with its
+    interval, loss and the confusion matrix."""
+    lines = []
+    if report["images_skipped"]:
+        lines.append(f"skipped {len(report['images_skipped'])} of {report['images_requested']} "
+                     "images (see the warnings above)")
+    interval = report["interval"]
+    lines += [f"relative-position accuracy: {report['accuracy']:.2%} ({report['correct']}/"
+              f"{report['pairs']} pairs from {report['images_evaluated']} images; chance "
+              f"{report['chance']:.1%})",
+              f"95% Wilson score interval: [{interval['low']:.2%}, {interval['high']:.2%}]",
+              f"softmax loss per pair: {report['loss_per_pair']:.4f}",
+              "confusion matrix (rows: true position, columns: predicted):",
+              format_confusion(np.array(report["confusion_matrix"]["counts"]))]
+    return lines
