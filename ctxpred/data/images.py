@@ -505,6 +505,21 @@ def decode_rgb_within(data: bytes, name: str, max_pixels: int | None = DEFAULT_M
     return image, image.shape[1] / full_width
 
 
+def decode_squashed(data: bytes, name: str, height: int, width: int) -> np.ndarray:
+    """An encoded image as (height, width, 3) uint8 RGB, upright, squashed to that size.
+
+    The aspect ratio is not kept (Caffe's ImageData ``new_height`` /
+    ``new_width`` and the frozen-feature protocols do the same). JPEGs are
+    DCT-reduced while decoding to no fewer than 4 x height x width pixels;
+    OpenCV area interpolation shrinks, bilinear enlarges. Raises
+    :class:`ImageError` naming ``name`` for data that does not decode.
+    """
+    image = decode_rgb(data, name, max_pixels=4 * height * width)
+    shrinking = image.shape[0] * image.shape[1] > height * width
+    return cv2.resize(image, (width, height),
+                      interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
 def limit_pixels(image, max_pixels=None):
     """(image shrunk to at most ``max_pixels`` pixels, aspect kept, cv2.INTER_AREA; scale).
 

@@ -41,16 +41,14 @@ import json
 import os
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 
-from ctxpred.caffe.netparam import instantiate
-from ctxpred.data.images import decode_rgb
+from ctxpred.caffe.netparam import instantiate, read_net_param
+from ctxpred.data.images import decode_squashed
 from ctxpred.features.dense import convolutional_net, fully_convolutional
 from ctxpred.features.extractor import FeatureExtractor
 from ctxpred.features.forward import CaffeForward, OnnxForward, check_parity
-from ctxpred.features.nets import read_deploy_param
 
 TARGET_DIMS = 9216
 BACKENDS = ("caffe", "onnx")
@@ -97,7 +95,7 @@ class LayerFeatureNet:
     """
 
     def __init__(self, deploy, weights, layers, input_size=227, batch=32, train_param=None):
-        param = read_deploy_param(deploy)
+        param = read_net_param(deploy)
         check_layers(param, layers, deploy)
         order = {top: index for index, layer in enumerate(param.layer) for top in layer.top}
         extractor = FeatureExtractor(deploy, weights, max(layers, key=order.get), batch=1,
@@ -151,10 +149,7 @@ def load_whole_images(paths, size, out):
     Raises ctxpred.data.images.ImageError (a ValueError) naming a bad file.
     """
     for row, path in enumerate(paths):
-        image = decode_rgb(Path(path).read_bytes(), str(path), max_pixels=4 * size * size)
-        shrinking = image.shape[0] * image.shape[1] > size * size
-        out[row] = cv2.resize(image, (size, size),
-                              interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+        out[row] = decode_squashed(Path(path).read_bytes(), str(path), size, size)
     return out[:len(paths)]
 
 
@@ -220,7 +215,6 @@ def extract_layer_features(deploy, weights, image_paths, layers, out_dir, input_
     missing_file = next((path for path in image_ids if not os.path.isfile(path)), None)
     if missing_file is not None:
         raise FileNotFoundError(f"image {missing_file} does not exist")
-    check_layers(read_deploy_param(deploy), layers, deploy)
     keys = cache_keys(deploy, weights, image_ids, layers, input_size, bgr, train_param)
     out_dir = Path(out_dir)
     paths = {layer: out_dir / f"{layer}-{keys[layer][:16]}.h5" for layer in layers}

@@ -34,13 +34,12 @@ import math
 import os
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import scipy.sparse
 
 from ctxpred.caffe.geometry import Window, layer_window
 from ctxpred.caffe.netparam import instantiate, net_param_shapes, phase_layers
-from ctxpred.data.images import ImageError, decode_rgb, open_source
+from ctxpred.data.images import ImageError, decode_squashed, open_source
 from ctxpred.weights.files import read_weights
 from ctxpred.weights.surgery import load_params, net_params
 
@@ -235,16 +234,12 @@ def image_batches(source, batch_size, batches, size, scale=1.0, rng=None, log=pr
         index = order[tried % len(source)]
         tried += 1
         try:
-            rgb = decode_rgb(source.read_bytes(index), source.name(index),
-                             max_pixels=4 * height * width)
+            rgb = decode_squashed(source.read_bytes(index), source.name(index), height, width)
         except ImageError as error:
             if tried <= len(source):
                 log(f"warning: skipped {error}")
             continue
-        shrink = rgb.shape[0] * rgb.shape[1] > height * width
-        resized = cv2.resize(rgb, (width, height),
-                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        bgr = resized[:, :, ::-1].astype(np.float32) - np.float32(MEAN_BGR)
+        bgr = rgb[:, :, ::-1].astype(np.float32) - np.float32(MEAN_BGR)
         out[filled] = (bgr * np.float32(scale)).transpose(2, 0, 1)
         filled += 1
     return list(out.reshape(batches, batch_size, 3, height, width))
