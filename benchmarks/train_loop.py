@@ -39,6 +39,7 @@ from ctxpred.caffe.env import load_caffe
 from ctxpred.data.layer import close_data_layers
 from ctxpred.models.context import add_rms_normalisation, data_layer_params
 from ctxpred.training.log import LogSummary, TrainLog, plot_summary, read_log
+from ctxpred.training.context_run import CONTEXT_RUN
 from ctxpred.training.loop import StopRequests, TrainingLoop, progress_printer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def loop_overhead(caffe, folder, args):
     times = {"bare": [], "loop": []}
     try:
         with StopRequests(folder) as stop:
-            loop = TrainingLoop(solver, folder, plot_seconds=args.plot_seconds,
+            loop = TrainingLoop(solver, folder, CONTEXT_RUN, plot_seconds=args.plot_seconds,
                                 flush_seconds=args.flush_seconds, stop=stop,
                                 deadline=time.monotonic() + 10 ** 9,
                                 progress=progress_printer(10 ** 8, 0, args.print_seconds))

@@ -1,7 +1,7 @@
 """Training overhead and pair-head speed, measured in one run on this machine.
 
 1. Overhead: mean step time of ctxpred's training loop (tools/train.py's
-   ``ctxpred.training.loop.train``: solver step, logging, divergence checks, data
+   ``ctxpred.training.context_run.train``: solver step, logging, divergence checks, data
    wait) against ``caffe time`` (forward + backward only) of the same
    train.prototxt and batches. Goal: ratio <= 1.05 (data and Python hidden).
 2. Pair head: ``caffe time`` of the reference head (fc7 on concatenated pairs)
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ctxpred.caffe.env import load_caffe
-from ctxpred.training.loop import RunConfig, read_log, train, write_run_files
+from ctxpred.training.context_run import RunConfig, train, write_run_files
+from ctxpred.training.log import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 _AVERAGE = re.compile(r"Average Forward-Backward: ([\d.]+) ms")

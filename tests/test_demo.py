@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from ctxpred.caffe.env import gpu_status
-from ctxpred.training.loop import choose_device
+from ctxpred.training.context_run import choose_device
 
 REPO = Path(__file__).resolve().parents[1]
 

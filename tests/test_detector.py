@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from ctxpred.detection.run import DetectorRun, evaluate_detector, read_train_log, train_detector
+from ctxpred.detection.run import DetectorRun, evaluate_detector, train_detector
 from ctxpred.detection.roi_data import RoIData
+from ctxpred.training.log import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,14 +69,14 @@ def test_train_resume_fold_and_test(caffe, tiny_detection_set, random_init, tmp_
     final, reason = train_detector(caffe, tmp_path, run, log=lambda message: None)
     assert reason == "max_iter" and final.is_file()
     assert (tmp_path / "model_iter_3.caffemodel").is_file()
-    log = read_train_log(tmp_path / "train.log")
+    log = read_log(tmp_path / "train.log")
     assert log["iter"].tolist() == [1, 2, 3] and np.isfinite(log["loss_cls"]).all()
 
     messages = []
     longer = DetectorRun(**{**run.__dict__, "iterations": 5})
     train_detector(caffe, tmp_path, longer, log=messages.append)
     assert any("resuming from" in message and "model_iter_3" in message for message in messages)
-    assert read_train_log(tmp_path / "train.log")["iter"].tolist() == [1, 2, 3, 4, 5]
+    assert read_log(tmp_path / "train.log")["iter"].tolist() == [1, 2, 3, 4, 5]
     from caffe.proto import caffe_pb2
     train_param = text_format.Merge((tmp_path / "train.prototxt").read_text(),
                                     caffe_pb2.NetParameter())
@@ -102,12 +103,22 @@ def test_train_resume_fold_and_test(caffe, tiny_detection_set, random_init, tmp_
 
 
 def test_quit_file_stops_with_a_snapshot(caffe, tiny_detection_set, random_init, tmp_path):
-    (tmp_path / "quit").write_text("")
+    (tmp_path / "quit").write_text("")  # left by an earlier session: removed at the start
     run = DetectorRun(dataset=str(tiny_detection_set), init=str(random_init), iterations=50,
                       detection=SMALL)
-    _, reason = train_detector(caffe, tmp_path, run, log=lambda message: None)
-    assert reason == "'quit' file"
+    messages = []
+
+    def quit_at_one(row):
+        if row["iter"] == 1:
+            (tmp_path / "quit").write_text("")
+
+    final, reason = train_detector(caffe, tmp_path, run, progress=quit_at_one,
+                                   log=messages.append)
+    assert reason == "'quit' file" and final.is_file()
+    assert any("removed the 'quit' file" in message for message in messages)
     assert (tmp_path / "model_iter_1.solverstate").is_file()
+    assert read_log(tmp_path / "train.log")["iter"].tolist() == [1]
+    assert (tmp_path / "training.png").stat().st_size > 1000
 
 
 def test_tool_trains_and_prints_the_ap_table(caffe, tiny_detection_set, random_init, tmp_path):
@@ -129,8 +140,8 @@ def test_help_explains_every_flag():
 
 def test_map_difference_and_the_compare_tool(tiny_detection_set, tmp_path):
     from ctxpred.detection.roidb import read_classes
-    from ctxpred.detection.run import map_difference, read_detections
-    from ctxpred.detection.voc import read_dataset
+    from ctxpred.detection.run import map_difference, map_statistic, read_detections
+    from ctxpred.detection.voc import evaluate_detections, read_dataset
     classes = read_classes(tiny_detection_set)
     annotations = dict(read_dataset(tiny_detection_set, "test", classes))
     perfect = {name: [(image_id, 1.0, obj.box) for image_id, annotation in annotations.items()
@@ -138,6 +149,11 @@ def test_map_difference_and_the_compare_tool(tiny_detection_set, tmp_path):
     shifted = {name: [(image_id, score, (x1 + 40, y1 + 40, x2 + 40, y2 + 40))
                       for image_id, score, (x1, y1, x2, y2) in rows]
                for name, rows in perfect.items()}           # IoU < 0.5: all false positives
+    mixed = {name: perfect[name] + [(image_id, 0.5, box) for image_id, _, box in shifted[name]]
+             for name in classes}
+    everything_once = np.ones((1, len(annotations)))
+    assert map_statistic(mixed, annotations, classes)(everything_once)[0] == pytest.approx(
+        evaluate_detections(mixed, annotations, classes)["mAP"])
     assert map_difference(perfect, perfect, annotations, classes, resamples=50) == (0, 0, 0)
     difference, low, high = map_difference(shifted, perfect, annotations, classes, resamples=50)
     assert difference == pytest.approx(1) and low == pytest.approx(1) and high == pytest.approx(1)

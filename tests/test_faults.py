@@ -254,8 +254,7 @@ def test_one_exit_code_convention(faults, tmp_path):
         assert code in readme
     # Every tool maps what it raises through ctxpred.cli.
     for tool in sorted(TOOLS.glob("*.py")):
-        if tool.name in ("cuda_toolkit.py", "make_prototxt.py",
-                         "finetune_classification.py", "compare_classifiers.py"):
+        if tool.name in ("cuda_toolkit.py", "make_prototxt.py"):
             continue
         assert "sys.exit(run_tool(main))" in tool.read_text(), tool.name
     # A full device while writing is a failure while running (1), bad input is 2.

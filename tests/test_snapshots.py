@@ -18,7 +18,9 @@ import pytest
 
 from ctxpred.training import snapshots
 from ctxpred.data.layer import close_data_layers
-from ctxpred.training.loop import RunConfig, latest_snapshot, read_log, train, write_run_files
+from ctxpred.training.context_run import RunConfig, train, write_run_files
+from ctxpred.training.log import read_log
+from ctxpred.training.snapshots import latest_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (("max_patches", 40),)

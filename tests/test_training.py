@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from ctxpred.caffe.env import gpu_status
-from ctxpred.training.loop import (DivergenceError, DivergenceWatch, RunConfig, latest_snapshot,
-                              read_log, train, write_run_files)
+from ctxpred.training.context_run import RunConfig, train, write_run_files
+from ctxpred.training.log import read_log
+from ctxpred.training.loop import DivergenceError, DivergenceWatch
+from ctxpred.training.snapshots import latest_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (("max_patches", 40),)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from ctxpred.training.log import HEADER, LogSummary, TrainLog, plot_summary, read_log
-from ctxpred.training.loop import choose_device, default_workers, progress_printer
+from ctxpred.training.context_run import choose_device, default_workers, describe_context_row
+from ctxpred.training.loop import progress_printer
 
 
 class Clock:
@@ -112,9 +113,17 @@ def test_choose_device_prefers_a_usable_gpu_and_says_why():
 
 def test_progress_lines_are_paced_by_wall_clock(capsys):
     clock = Clock()
-    show = progress_printer(1000, 0, every_seconds=10, clock=clock)
+    show = progress_printer(1000, 0, every_seconds=10, clock=clock,
+                            describe=describe_context_row)
     for iteration in range(1, 301):  # 300 steps of 0.125 s
         show(row(iteration))
         clock.now += 0.125
-    printed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
-    assert printed == ["iter 1", "iter 81", "iter 161", "iter 241"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["iter 1", "iter 81", "iter 161", "iter 241"]
+    assert lines[0] == "iter 1: loss/pair 2.0000 acc 0.125 step 0.01s wait 0.00s"
+
+
+def test_progress_lines_of_any_run_kind_name_their_columns(capsys):
+    show = progress_printer(10, 0)
+    show(dict(iter=1, loss_cls=0.6931, loss_bbox=0.25, step_s=1.5))
+    assert capsys.readouterr().out == "iter 1: loss_cls 0.6931 loss_bbox 0.25 step_s 1.5\n"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ctxpred.classification.data import map_difference, mean_average_precision
+from ctxpred.cli import run_tool
 
 
 def parse_args(argv=None):
@@ -57,4 +58,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -27,13 +27,10 @@ Examples:
 """
 import argparse
 import sys
-from pathlib import Path
 
-from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
-from ctxpred.classification.data import ClassificationError
+from ctxpred.classification.run import ClassificationRun, finetune_command
+from ctxpred.cli import run_tool
 from ctxpred.models.classification import MODES
-from ctxpred.classification.run import (ClassificationRun, evaluate_classifier, prepare_init,
-                                result_lines, train_classifier)
 from ctxpred.models.context import NET_NAMES
 
 
@@ -95,36 +92,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        caffe = load_caffe(gpu=args.gpu, quiet=True)
-    except CaffeNotAvailable as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     run = ClassificationRun(dataset=args.data, net=args.net, mode=args.mode,
                             train_split=args.train_split, test_split=args.test_split,
                             iterations=args.iters, base_lr=args.lr, stepsize=args.stepsize,
                             batch_size=args.batch_size, snapshot=args.snapshot, seed=args.seed)
-    out = Path(args.out)
-    weights = None if args.weights.lower() == "none" else args.weights
-    try:
-        if not args.test_only:
-            init = prepare_init(caffe, out, run, weights, args.init_images)
-            train_classifier(caffe, out, run, init,
-                             progress=lambda row: print(
-                                 f"iter {row['iter']}: loss {row['loss']:.4f} lr {row['lr']:.3g} "
-                                 f"step {row['step_s']:.2f}s", flush=True)
-                             if row["iter"] % 20 == 0 else None)
-        elif not (out / "final.caffemodel").exists():
-            raise ClassificationError(f"{out / 'final.caffemodel'} does not exist: train first")
-        results = evaluate_classifier(caffe, out, run, crops=args.crops)
-    except (ClassificationError, FileNotFoundError, ValueError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for line in result_lines(results):
-        print(line)
-    print(f"wrote {out / 'results.json'}, {out / 'precision_recall.png'}")
-    return 0
+    return finetune_command(run, args.out, args.weights, args.init_images, args.crops,
+                            args.gpu, args.test_only)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

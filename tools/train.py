@@ -26,14 +26,10 @@ folder: a second one exits with the PID of the first (exit 2).
 """
 import argparse
 import sys
-from pathlib import Path
 
-from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
-from ctxpred.cli import exit_code, run_tool
+from ctxpred.cli import run_tool
 from ctxpred.models.context import NET_NAMES
-from ctxpred.training.snapshots import RunFolderLocked, RunLock, SnapshotError, io_error_text
-from ctxpred.training.loop import (DivergenceError, RunConfig, default_workers, latest_snapshot,
-                              move_aside, progress_printer, train, write_run_files)
+from ctxpred.training.commands import TrainOptions, train_command
 
 
 def parse_args(argv):
@@ -99,104 +95,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out or f"runs/{args.net}")
-    try:
-        caffe = load_caffe(gpu=args.gpu)
-    except CaffeNotAvailable as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for flag, value, least in (("--keep", args.keep, 1),
-                               ("--snapshot-every", args.snapshot_every, 0),
-                               ("--snapshot-minutes", args.snapshot_minutes, 0)):
-        if value is not None and value < least:
-            print(f"error: {flag} must be at least {least}, not {value}", file=sys.stderr)
-            return 2
-    existed = out.exists()
-    try:
-        lock = RunLock(out).acquire()  # before anything in the folder is touched
-    except RunFolderLocked as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        if args.fresh and existed:
-            lock.release()
-            print(f"moved the previous run to {move_aside(out)}")
-            lock = RunLock(out).acquire()
-        return run(args, out, caffe, lock)
-    except RunFolderLocked as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # writing the run files: a full disk, an I/O error
-        print(f"error: {io_error_text(error, out)}", file=sys.stderr)
-        return 1
-    finally:
-        lock.release()
-
-
-def run(args, out, caffe, lock):
-    resume = latest_snapshot(out)
-    overrides = {}
-    if args.paper:
-        overrides["momentum"] = 0.999
-    if args.momentum is not None:
-        overrides["momentum"] = args.momentum
-    if args.base_lr is not None:
-        overrides["base_lr"] = args.base_lr
-    overrides["solver_mode"] = "GPU" if args.gpu is not None else "CPU"
-    if not args.loader_timeout > 0:
-        print(f"error: --loader-timeout must be positive, not {args.loader_timeout}",
-              file=sys.stderr)
-        return 2
-    data = {"mode": args.mode, "stall_seconds": args.loader_timeout}
-    if args.max_patches:
-        data["max_patches"] = args.max_patches
-    workers = args.workers if args.workers is not None else default_workers(args.gpu)
-    if args.workers is not None and args.workers < 1:
-        print(f"error: --workers must be at least 1, not {args.workers}", file=sys.stderr)
-        return 2
-    config = RunConfig(net=args.net, images=args.images,
-                       seed=args.seed + (resume[0] if resume else 0), workers=workers,
-                       factorized_head=not args.reference_head, data=tuple(data.items()),
-                       solver_overrides=tuple(overrides.items()))
-    if args.solver and not Path(args.solver).is_file():
-        print(f"error: solver file {args.solver} does not exist", file=sys.stderr)
-        return 2
-    solver_path = write_run_files(out, config, args.solver)
-    print(f"run folder {out}: {args.net}, images {args.images}, {workers} loader workers, "
-          f"{'resuming' if resume else 'starting'} at iteration {resume[0] if resume else 0}")
-    try:
-        result = train(caffe, solver_path, out, args.iters,
-                       time_budget_s=args.minutes * 60 if args.minutes else None,
-                       plot_seconds=args.plot_seconds, flush_seconds=args.flush_seconds,
-                       snapshot_every=args.snapshot_every,
-                       snapshot_minutes=args.snapshot_minutes or None, keep=args.keep,
-                       lock=lock,
-                       progress=progress_printer(args.iters, resume[0] if resume else 0,
-                                                 args.print_seconds))
-    except DivergenceError as error:
-        print(f"\nerror: training diverged: {error}", file=sys.stderr)
-        return 3
-    except SnapshotError as error:
-        print(f"\nerror: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # train.log, training.png, events: a full disk, an I/O error
-        where = Path(error.filename).parent if error.filename else out
-        print(f"\nerror: {io_error_text(error, where)}"
-              f"{f' (writing {Path(error.filename).name})' if error.filename else ''}",
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as interrupt:
-        newest = latest_snapshot(out)
-        print(f"\ninterrupted: {interrupt or 'Ctrl-C'}; newest snapshot "
-              f"{newest[1] if newest else 'none'}", file=sys.stderr)
-        return 130
-    except (ValueError, RuntimeError) as error:  # no usable image (2), a failed loader (1)
-        print(f"\nerror: {error}", file=sys.stderr)
-        return exit_code(error)
-    print(f"\nstopped at iteration {result['iter']} ({result['reason']}) after "
-          f"{result['seconds']:.0f} s; snapshot {result['snapshot']}")
-    return 0
+    return train_command(TrainOptions(**vars(parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -26,11 +26,8 @@ magic-initialised random weights, same schedule):
 import argparse
 import sys
 
-from tqdm import tqdm
-
-from ctxpred.caffe.env import load_caffe
-from ctxpred.detection.run import DetectorRun, evaluate_detector, train_detector
 from ctxpred.cli import run_tool
+from ctxpred.detection.run import DetectorRun, train_and_test
 from ctxpred.models.fast_rcnn import MODEL_NAMES
 
 
@@ -83,23 +80,7 @@ def main(argv=None):
                       detection=dict(scales=args.scales, max_size=args.max_size,
                                      ims_per_batch=args.ims_per_batch,
                                      batch_size=args.batch_size))
-    caffe = load_caffe(gpu=None, quiet=True)
-    if not args.test_only:
-        with tqdm(total=args.iters, desc="training", unit="step") as bar:
-            def progress(row):
-                bar.n = row["iter"]
-                bar.set_postfix(loss_cls=f"{row['loss_cls']:.3f}",
-                                loss_bbox=f"{row['loss_bbox']:.3f}")
-                bar.refresh()
-            train_detector(caffe, args.out, run, progress, log=tqdm.write)
-    with tqdm(desc="testing", unit="image") as bar:
-        results = evaluate_detector(caffe, args.out, run, progress=lambda: bar.update(1))
-    width = max(map(len, results["classes"]))
-    print(f"{'class':<{width}}  AP(area)  AP(11pt)  positives")
-    for name, row in results["classes"].items():
-        print(f"{name:<{width}}  {row['ap']:8.3f}  {row['ap_07']:8.3f}  {row['positives']:9d}")
-    print(f"{'mean':<{width}}  {results['mAP']:8.3f}  {results['mAP_07']:8.3f}")
-    return 0
+    return train_and_test(args.out, run, args.test_only)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxpred.classification.data import (IGNORE_LABEL, average_precision, bootstrap_interval,
-                                    crop_scores, mean_average_precision, read_split)
+from ctxpred.classification.data import (IGNORE_LABEL, ClassificationError, average_precision,
+                                         bootstrap_interval, crop_scores, mean_average_precision,
+                                         read_split)
 from ctxpred.models.classification import (BATCH_SIZE, ITERATIONS, SIDES, SOLVER,
                                            SOLVER_ORDER, architecture_for, deploy_net,
                                            solver_param, train_net)
@@ -247,3 +248,32 @@ def result_lines(results):
         f"{'[{:.1f}, {:.1f}]'.format(*(100 * v for v in results['crops'][c]['interval'])):>16}"
         for c in counts))
     return lines
+
+
+def finetune_command(run, out, weights, init_images=None, crops=(1, 10), gpu=None,
+                     test_only=False):
+    """tools/finetune_classification.py: initial weights, fine-tuning, test; returns the exit
+    code. Bad input raises ValueError (ClassificationError) or FileNotFoundError.
+
+    weights: a context-prediction caffemodel or "none" (magic init of every
+    layer). test_only: score OUT/final.caffemodel without training.
+    """
+    from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+    from ctxpred.cli import fail
+    from ctxpred.training.loop import progress_printer
+    try:
+        caffe = load_caffe(gpu=gpu, quiet=True)
+    except CaffeNotAvailable as error:
+        return fail(error)
+    out = Path(out)
+    if not test_only:
+        init = prepare_init(caffe, out, run, None if weights.lower() == "none" else weights,
+                            init_images)
+        train_classifier(caffe, out, run, init, progress_printer(run.iterations, 0))
+    elif not (out / "final.caffemodel").exists():
+        raise ClassificationError(f"{out / 'final.caffemodel'} does not exist: train first")
+    results = evaluate_classifier(caffe, out, run, crops=crops)
+    for line in result_lines(results):
+        print(line)
+    print(f"wrote {out / 'results.json'}, {out / 'precision_recall.png'}")
+    return 0

@@ -9,16 +9,17 @@ scored on a test split with VOC average precision. The folder holds:
 - ``model_iter_N.{caffemodel,solverstate}``: Caffe snapshots (targets still
   normalised; training resumes from the newest);
 - ``train.log``: iteration, loss_cls, loss_bbox, seconds per step;
+  ``training.png``, ``events.log``;
 - ``final.caffemodel``: the trained net with the target normalisation folded
   into bbox_pred, ready for ``test.prototxt``;
 - ``detections.json``, ``results.json`` (AP per class, 11-point and area
   versions, mAP), ``precision_recall.png``.
 
-Ctrl-C, SIGTERM or a ``quit`` file in the folder stop training after the
-current step with a snapshot (:class:`ctxpred.training.loop.StopRequests`).
+Training is :func:`ctxpred.training.loop.run_solver`'s: Ctrl-C, SIGTERM or a
+``quit`` file in the folder stop it after the current step with a snapshot;
+snapshots are atomic and verified on resume; a diverging loss stops it.
 """
 import json
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,14 +27,20 @@ from pathlib import Path
 import numpy as np
 
 from ctxpred.detection.roidb import (DetectionConfig, detect_dataset, read_classes,
-                               unnormalised_bbox_weights)
-from ctxpred.models.fast_rcnn import inference_net, train_net
+                                    unnormalised_bbox_weights)
 from ctxpred.detection.roi_data import RoIData
-from ctxpred.weights.surgery import load_weights_file
-from ctxpred.training.loop import StopRequests, latest_snapshot
 from ctxpred.detection.voc import evaluate_detections
+from ctxpred.evaluation.statistics import difference_interval
+from ctxpred.models.fast_rcnn import SOLVER_ORDER, inference_net, solver_param, train_net
+from ctxpred.training.log import LogFormat
+from ctxpred.training.loop import RunKind, RunSettings, describe_row, run_solver, timed_step
+from ctxpred.training.snapshots import RunLock, latest_snapshot
+from ctxpred.training.solvers import set_fields, write_solver
+from ctxpred.weights.surgery import load_weights_file
 
-TRAIN_LOG_COLUMNS = ("iter", "loss_cls", "loss_bbox", "step_s")
+DETECTOR_LOG = LogFormat(("iter", "loss_cls", "loss_bbox", "step_s"),
+                         (("loss_cls", "classification loss", None),
+                          ("loss_bbox", "box regression loss", None)))
 
 
 @dataclass(frozen=True)
@@ -70,13 +77,13 @@ class DetectorRun:
         return DetectionConfig.from_dict(dict(self.detection))
 
 
-def solver_text(run, train_path, snapshot_prefix):
-    """SGD solver prototxt of a run (snapshots are taken by :func:`train_detector`)."""
-    return (f'train_net: "{train_path}"\nbase_lr: {run.base_lr:g}\nlr_policy: "step"\n'
-            f"gamma: {run.gamma:g}\nstepsize: {run.stepsize}\nmomentum: {run.momentum:g}\n"
-            f"weight_decay: {run.weight_decay:g}\ndisplay: 0\nmax_iter: {run.iterations}\n"
-            f'snapshot: 0\nsnapshot_prefix: "{snapshot_prefix}"\nrandom_seed: {run.seed}\n'
-            "solver_mode: CPU\n")
+def detector_solver(run, train_path, snapshot_prefix):
+    """Fast R-CNN's SGD solver with a run's schedule (snapshots are the training loop's)."""
+    return set_fields(solver_param(run.model), train_net=train_path, base_lr=run.base_lr,
+                      gamma=run.gamma, stepsize=run.stepsize, momentum=run.momentum,
+                      weight_decay=run.weight_decay, display=0, average_loss=None,
+                      max_iter=run.iterations, snapshot=0, snapshot_prefix=snapshot_prefix,
+                      random_seed=run.seed, solver_mode="CPU")
 
 
 def write_run_files(run_dir, run, start_iteration=0):
@@ -96,10 +103,10 @@ def write_run_files(run_dir, run, start_iteration=0):
                                                            data_params)))
     (run_dir / "test.prototxt").write_text(str(inference_net(run.model, "ctxpred",
                                                              num_classes)))
-    solver_path = run_dir / "solver.prototxt"
-    solver_path.write_text(solver_text(run, run_dir / "train.prototxt", run_dir / "model"))
+    solver = detector_solver(run, (run_dir / "train.prototxt").resolve(),
+                             (run_dir / "model").resolve())
     (run_dir / "run.json").write_text(json.dumps(asdict(run), indent=2) + "\n")
-    return solver_path
+    return write_solver(solver, run_dir / "solver.prototxt", SOLVER_ORDER)
 
 
 def _data_layer(net):
@@ -118,52 +125,43 @@ def save_unnormalised(net, data_layer, path):
         weight[...], bias[...] = kept
 
 
-def train_detector(caffe, run_dir, run, progress=None, log=print):
-    """Train a run (resuming from its newest snapshot); returns the final weights' path.
+def detector_stepper(solver):
+    """One step of a Fast R-CNN net and its train.log row (blobs looked up once)."""
+    loss_cls, loss_bbox = solver.net.blobs["loss_cls"], solver.net.blobs["loss_bbox"]
 
-    progress(row) is called after each step with the train.log row.
+    def step():
+        step_s = timed_step(solver)
+        return dict(iter=solver.iter, loss_cls=float(loss_cls.data),
+                    loss_bbox=float(loss_bbox.data), step_s=round(step_s, 3))
+    return step
+
+
+DETECTOR_RUN = RunKind(DETECTOR_LOG, detector_stepper, "loss_cls", describe_row)
+
+
+def train_detector(caffe, run_dir, run, progress=None, log=print):
+    """Train a run (resuming from its newest snapshot); returns (final weights path, reason).
+
+    progress(row) is called after each step with the train.log row. The
+    final weights (:func:`save_unnormalised`) are written when training
+    stops cleanly.
     """
     run_dir = Path(run_dir)
-    resume = latest_snapshot(run_dir)
-    solver = caffe.get_solver(str(write_run_files(run_dir, run, resume[0] if resume else 0)))
-    if resume:
-        solver.restore(str(resume[1]))
-        log(f"resuming from {resume[1]} (iteration {solver.iter})")
-    elif run.init:
-        load_weights_file(solver.net, run.init)
-        log(f"initial weights: {run.init}")
-    net, data_layer = solver.net, _data_layer(solver.net)
-    log_path = run_dir / "train.log"
-    if not log_path.exists():
-        log_path.write_text("\t".join(TRAIN_LOG_COLUMNS) + "\n")
-    reason = "max_iter"
-    with StopRequests(run_dir) as stop:
-        while solver.iter < run.iterations:
-            started = time.perf_counter()
-            solver.step(1)
-            row = dict(iter=solver.iter, loss_cls=float(net.blobs["loss_cls"].data),
-                       loss_bbox=float(net.blobs["loss_bbox"].data),
-                       step_s=round(time.perf_counter() - started, 3))
-            with open(log_path, "a") as out:
-                out.write("\t".join(str(row[key]) for key in TRAIN_LOG_COLUMNS) + "\n")
-            if progress:
-                progress(row)
-            if stop.requested():
-                reason = stop.reason
-                break
-    if solver.iter > (resume[0] if resume else 0):
-        solver.snapshot()
     final = run_dir / "final.caffemodel"
-    save_unnormalised(net, data_layer, final)
-    log(f"stopped at iteration {solver.iter} ({reason}); weights {final}")
-    return final, reason
 
+    def initialize(net):
+        if run.init:
+            load_weights_file(net, run.init)
+            log(f"initial weights: {run.init}")
 
-def read_train_log(path):
-    """train.log as a dict of column arrays."""
-    rows = [line.split("\t") for line in Path(path).read_text().splitlines()[1:] if line]
-    return {name: np.array([float(row[index]) for row in rows])
-            for index, name in enumerate(TRAIN_LOG_COLUMNS)}
+    with RunLock(run_dir) as lock:
+        resume = latest_snapshot(run_dir)
+        solver_path = write_run_files(run_dir, run, resume[0] if resume else 0)
+        result = run_solver(caffe, solver_path, run_dir, DETECTOR_RUN,
+                            RunSettings(run.iterations), progress, log, lock, initialize,
+                            finish=lambda net: save_unnormalised(net, _data_layer(net), final))
+    log(f"final weights (bbox_pred answering unnormalised deltas): {final}")
+    return final, result["reason"]
 
 
 def evaluate_detector(caffe, run_dir, run, weights=None, progress=None):
@@ -213,6 +211,33 @@ def plot_precision_recall(evaluation, classes, path):
     plt.close(figure)
 
 
+def result_lines(results):
+    """The results as a table: AP (area and 11-point) and positives per class, then the means."""
+    width = max(map(len, results["classes"]))
+    lines = [f"{'class':<{width}}  AP(area)  AP(11pt)  positives"]
+    for name, row in results["classes"].items():
+        lines.append(f"{name:<{width}}  {row['ap']:8.3f}  {row['ap_07']:8.3f}  "
+                     f"{row['positives']:9d}")
+    lines.append(f"{'mean':<{width}}  {results['mAP']:8.3f}  {results['mAP_07']:8.3f}")
+    return lines
+
+
+def train_and_test(run_dir, run, test_only=False):
+    """tools/train_detector.py: train a run (unless ``test_only``), test it, print the table."""
+    from tqdm import tqdm
+
+    from ctxpred.caffe.env import load_caffe
+    from ctxpred.training.loop import progress_printer
+    caffe = load_caffe(gpu=None, quiet=True)
+    if not test_only:
+        train_detector(caffe, run_dir, run, progress_printer(run.iterations, 0))
+    with tqdm(desc="testing", unit="image") as bar:
+        results = evaluate_detector(caffe, run_dir, run, progress=lambda: bar.update(1))
+    for line in result_lines(results):
+        print(line)
+    return 0
+
+
 def read_detections(run_dir):
     """detections.json of a run: {class name: [(image id, score, VOC box)]}."""
     path = Path(run_dir, "detections.json")
@@ -237,30 +262,39 @@ def _resampled(detections, annotations, picks):
              for cls, rows in detections.items()}, sampled)
 
 
+def map_statistic(detections, annotations, classes, use_07_metric=False):
+    """weights (B, images) -> (B,) VOC mAP of ``detections`` on resampled test images.
+
+    Row b draws image i weights[b, i] times (a repeated image counts its
+    detections and objects again); a resample without a class's objects
+    leaves that class out of its mAP. For
+    :func:`ctxpred.evaluation.statistics.bootstrap_interval` and
+    :func:`~ctxpred.evaluation.statistics.difference_interval`.
+    """
+    ids = list(annotations)
+
+    def mean_ap(counts):
+        picks = [image_id for image_id, count in zip(ids, counts.astype(int))
+                 for _ in range(count)]
+        found, sampled = _resampled(detections, annotations, picks)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a class without objects: left out of the mAP
+            return evaluate_detections(found, sampled, classes, use_07_metric=use_07_metric)["mAP"]
+    return lambda weights: np.array([mean_ap(counts) for counts in weights])
+
+
 def map_difference(first, second, annotations, classes, resamples=1000, seed=0,
                    use_07_metric=False):
-    """mAP(second) - mAP(first) on the same test images, with a 95% bootstrap interval.
+    """mAP(second) - mAP(first) on the same test images, with a 95% paired bootstrap interval.
 
     first, second: detections of two runs ({class: [(image id, score, box)]});
     annotations: {image id: Annotation} of the test split. Test images are
-    resampled with replacement (seeded), both runs on the same resample, so
-    the interval reflects which images happen to be in the test set.
+    resampled with replacement (seeded), both runs on the same resample
+    (:func:`ctxpred.evaluation.statistics.difference_interval`), so the
+    interval reflects which images happen to be in the test set.
     Returns (difference, low, high).
     """
-    def mean_ap(detections, sampled):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a resample may lack a class: left out of the mAP
-            return evaluate_detections(detections, sampled, classes,
-                                       use_07_metric=use_07_metric)["mAP"]
-
-    ids = list(annotations)
-    difference = mean_ap(second, annotations) - mean_ap(first, annotations)
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(resamples):
-        picks = [ids[i] for i in rng.integers(0, len(ids), len(ids))]
-        a, sampled = _resampled(first, annotations, picks)
-        b, _ = _resampled(second, annotations, picks)
-        samples.append(mean_ap(b, sampled) - mean_ap(a, sampled))
-    low, high = np.nanpercentile(samples, [2.5, 97.5])
-    return float(difference), float(low), float(high)
+    interval = difference_interval(map_statistic(second, annotations, classes, use_07_metric),
+                                   map_statistic(first, annotations, classes, use_07_metric),
+                                   len(annotations), resamples, seed)
+    return interval.value, interval.low, interval.high

@@ -38,9 +38,8 @@ PARAMETER_LAYERS = {arch: convs + FC_NAMES + (CLASSIFIER,) for arch, convs in
 # param of a trained layer: weights / bias at lr_mult 1 / 2, both with weight decay.
 TRAINED = (dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=1))
 VOC_CLASSES = 20
-SOLVER = (("type", '"SGD"'), ("base_lr", "0.001"), ("lr_policy", '"step"'), ("gamma", "0.5"),
-          ("stepsize", "10000"), ("momentum", "0.9"), ("weight_decay", "1e-06"),
-          ("clip_gradients", "10"))
+SOLVER = dict(type="SGD", base_lr=0.001, lr_policy="step", gamma=0.5, stepsize=10000,
+              momentum=0.9, weight_decay=1e-6, clip_gradients=10)
 ITERATIONS = 80000
 BATCH_SIZE = 16
 DEFAULT_ROOT = "data/VOC2007"
@@ -105,20 +104,30 @@ def train_net(arch, mode, root=DEFAULT_ROOT, split="trainval", classes=VOC_CLASS
     return proto
 
 
+SOLVER_ORDER = ("train_net", "type", "base_lr", "lr_policy", "gamma", "stepsize", "momentum",
+                "weight_decay", "clip_gradients", "max_iter", "display", "snapshot",
+                "snapshot_prefix", "random_seed")
+
+
+def solver_param(train_path, snapshot_prefix, iterations=ITERATIONS, base_lr=None,
+                 stepsize=None, snapshot=10000, random_seed=None):
+    """The reference's SolverParameter for ``train_path``; base_lr / stepsize override its
+    values."""
+    from ctxpred.training.solvers import make_solver, set_fields
+    solver = make_solver(train_net=train_path, **SOLVER, max_iter=iterations, display=0,
+                         snapshot=snapshot, snapshot_prefix=snapshot_prefix,
+                         random_seed=random_seed)
+    return set_fields(solver, **{name: value for name, value in
+                                 (("base_lr", base_lr), ("stepsize", stepsize))
+                                 if value is not None})
+
+
 def solver_text(train_path, snapshot_prefix, iterations=ITERATIONS, base_lr=None,
                 stepsize=None, snapshot=10000, random_seed=None):
-    """The reference's solver for ``train_path``; base_lr / stepsize override its values."""
-    settings = dict(SOLVER)
-    if base_lr is not None:
-        settings["base_lr"] = repr(float(base_lr))
-    if stepsize is not None:
-        settings["stepsize"] = str(int(stepsize))
-    lines = [f'train_net: "{train_path}"'] + [f"{key}: {value}" for key, value in settings.items()]
-    lines += [f"max_iter: {iterations}", "display: 0", f"snapshot: {snapshot}",
-              f'snapshot_prefix: "{snapshot_prefix}"']
-    if random_seed is not None:
-        lines.append(f"random_seed: {random_seed}")
-    return "\n".join(lines) + "\n"
+    """:func:`solver_param` as prototxt text, in the reference's field order."""
+    from ctxpred.training.solvers import solver_text as text
+    return text(solver_param(train_path, snapshot_prefix, iterations, base_lr, stepsize,
+                             snapshot, random_seed), SOLVER_ORDER)
 
 
 def generated_files():

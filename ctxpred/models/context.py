@@ -190,16 +190,26 @@ def deploy_net(net_name, options=NetOptions(batchnorm=False)):
     return proto
 
 
-def solver_text(net_path, snapshot_prefix, momentum=0.0, max_iter=1700000, solver_mode="CPU"):
-    """Solver prototxt of the authors' code (fixed lr 1e-5, no momentum, no decay).
+SOLVER_ORDER = ("net", "base_lr", "lr_policy", "momentum", "weight_decay", "display",
+                "max_iter", "snapshot", "snapshot_prefix", "solver_mode")
+
+
+def solver_param(net_path, snapshot_prefix, momentum=0.0, max_iter=1700000, solver_mode="CPU"):
+    """SolverParameter of the authors' code (fixed lr 1e-5, no momentum, no decay).
 
     The paper used momentum .999; pass it to get that variant.
     """
-    return (f'net: "{net_path}"\n'
-            'base_lr: 1e-05\nlr_policy: "fixed"\n'
-            f"momentum: {momentum:g}\nweight_decay: 0\n"
-            f"display: 1\nmax_iter: {max_iter}\nsnapshot: 2000\n"
-            f'snapshot_prefix: "{snapshot_prefix}"\nsolver_mode: {solver_mode}\n')
+    from ctxpred.training.solvers import make_solver
+    return make_solver(net=net_path, base_lr=1e-5, lr_policy="fixed", momentum=momentum,
+                       weight_decay=0, display=1, max_iter=max_iter, snapshot=2000,
+                       snapshot_prefix=snapshot_prefix, solver_mode=solver_mode)
+
+
+def solver_text(net_path, snapshot_prefix, momentum=0.0, max_iter=1700000, solver_mode="CPU"):
+    """:func:`solver_param` as prototxt text, in the reference's field order."""
+    from ctxpred.training.solvers import solver_text as text
+    return text(solver_param(net_path, snapshot_prefix, momentum, max_iter, solver_mode),
+                SOLVER_ORDER)
 
 
 def _check_name(net_name):

@@ -56,9 +56,8 @@ MULTISCALE_MAX_SIZE = 2000
 SINGLE_SCALE = (600,)
 SINGLE_SCALE_MAX_SIZE = 1000
 # Solver: Fast R-CNN's, with the project page's iteration counts.
-SOLVER_SETTINGS = (("base_lr", "0.001"), ("lr_policy", '"step"'), ("gamma", "0.1"),
-                   ("stepsize", "30000"), ("display", "20"), ("average_loss", "100"),
-                   ("momentum", "0.9"), ("weight_decay", "0.0005"))
+SOLVER_SETTINGS = dict(base_lr=0.001, lr_policy="step", gamma=0.1, stepsize=30000, display=20,
+                       average_loss=100, momentum=0.9, weight_decay=0.0005)
 
 
 @dataclass(frozen=True)
@@ -221,20 +220,31 @@ def _inputs_to_header(proto):
     proto.layer.extend(layers)
 
 
-def solver_text(model_name):
-    """Solver prototxt for Fast R-CNN's tools/train_net.py (paths relative to its checkout).
+SOLVER_ORDER = ("train_net", "base_lr", "lr_policy", "gamma", "stepsize", "display",
+                "average_loss", "momentum", "weight_decay", "max_iter", "snapshot",
+                "snapshot_prefix")
+
+
+def solver_param(model_name):
+    """SolverParameter for Fast R-CNN's tools/train_net.py (paths relative to its checkout).
 
     Fast R-CNN's solver (lr 0.001, step 0.1 every 30000, momentum 0.9, decay
     0.0005) with max_iter 150000 (CaffeNet) / 500000 (VGG), the project
     page's iteration counts; snapshot 0 because the training script
     snapshots itself (TRAIN.SNAPSHOT_ITERS) under snapshot_prefix.
     """
+    from ctxpred.training.solvers import make_solver
     model = model_named(model_name)
-    settings = "".join(f"{key}: {value}\n" for key, value in SOLVER_SETTINGS)
-    return (f'train_net: "models/{model.name}/train.prototxt"\n{settings}'
-            f"max_iter: {model.iterations}\n"
-            "# Fast R-CNN's training script snapshots; Caffe's own snapshots stay off.\n"
-            f'snapshot: 0\nsnapshot_prefix: "{model.snapshot_prefix}"\n')
+    return make_solver(train_net=f"models/{model.name}/train.prototxt", **SOLVER_SETTINGS,
+                       max_iter=model.iterations, snapshot=0,
+                       snapshot_prefix=model.snapshot_prefix)
+
+
+def solver_text(model_name):
+    """:func:`solver_param` as prototxt text, in Fast R-CNN's field order."""
+    from ctxpred.training.solvers import solver_text as text
+    return text(solver_param(model_name), SOLVER_ORDER, comments={
+        "snapshot": "Fast R-CNN's training script snapshots; Caffe's own snapshots stay off."})
 
 
 def _yaml_value(value):

@@ -1,43 +1,44 @@
-"""The training loop around a Caffe SGD solver, with the reference's safeguards.
+"""The one loop that runs a Caffe solver, for context training, the detector and the classifier.
 
-- A run lives in one folder: ``train.prototxt``, ``solver.prototxt``,
+- A run lives in one folder: the solver and net prototxts its caller wrote,
   ``model_iter_N.{caffemodel,solverstate}`` snapshots, ``events.log`` (resume,
-  stop and divergence messages), ``train.log`` (one
-  tab-separated line per step, buffered and written every few seconds and on
-  every stop) and ``training.png`` (redrawn on a wall-clock interval from a
-  running summary; see ctxpred.training.log).
-- Resume: the newest ``model_iter_N.solverstate`` in the folder is restored;
-  train.log rows after its iteration are dropped.
-- Stop cleanly: SIGINT / SIGTERM, or a file named ``pause`` or ``quit`` in the
-  folder, ends the loop after the current step with a snapshot.
+  stop and divergence messages), ``train.log`` (one tab-separated line per
+  step in the columns of its :class:`RunKind`, buffered and written every
+  few seconds and on every stop) and ``training.png`` (redrawn on a
+  wall-clock interval from a running summary; see ctxpred.training.log).
+- Resume: the newest intact ``model_iter_N.solverstate`` in the folder is
+  restored (ctxpred.training.snapshots verifies it first); train.log rows after
+  its iteration are dropped. A fresh run can be initialised by the caller.
+- Stop cleanly: SIGINT / SIGTERM, a file named ``pause`` or ``quit`` in the
+  folder, or the time budget ends the loop after the current step with a
+  snapshot. Snapshots are atomic; the folder is locked for one trainer.
 - Per-step work is O(1): nothing re-reads a file or grows with the run.
-- Divergence watch (reference): every 100 steps the norm of each non-BatchNorm
-  parameter layer's weights and of their change since the last check are
-  recorded; a change that is NaN or over 10x the previous one, a NaN or
-  > 1e10 sum of fc8's weights, or a NaN or > 1e8 max |pool1 diff| stops
-  training without snapshotting the bad state.
+- Divergence watch (reference): a logged loss that is not finite; every 100
+  steps the norm of each non-BatchNorm parameter layer's weights and of their
+  change since the last check are recorded; a change that is NaN or over 10x
+  the previous one, a NaN or > 1e10 sum of fc8's weights, or a NaN or > 1e8
+  max |pool1 diff| stops training without snapshotting the bad state.
 """
 import collections
 import contextlib
 import importlib
-import json
+import math
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ctxpred.cli import DIVERGED
-from ctxpred.data.layer import PatchPairData, close_data_layers
-from ctxpred.models.context import NetOptions, data_layer_params, solver_text, train_net
-from ctxpred.weights.surgery import read_solver_param
-from ctxpred.training.log import LOG_COLUMNS, TrainLog, plot_log, plot_summary, read_log  # noqa: F401
+from ctxpred.data.layer import close_data_layers
+from ctxpred.training import snapshots
+from ctxpred.training.log import LogFormat, TrainLog, plot_summary
+from ctxpred.training.solvers import history_copies, read_solver
 
 STOP_FILES = ("pause", "quit")
-_SNAPSHOT = re.compile(r"model_iter_(\d+)\.solverstate$")
 
 
 class DivergenceError(RuntimeError):
@@ -47,27 +48,29 @@ class DivergenceError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines a training run (written to ``run.json``).
+class RunKind:
+    """What one kind of run logs per step.
 
-    data: extra PatchPairConfig fields for the data layer (e.g. max_patches).
-    solver_overrides: solver fields replacing the reference values
-        (e.g. {"base_lr": 1e-4, "momentum": 0.999}).
+    log_format: its train.log columns and plot panels.
+    stepper: ``stepper(solver)`` returns a function that runs one solver step
+        and returns its train.log row (a dict with the format's columns);
+        blobs are looked up once there, not per step.
+    loss: the row's loss column (a value that is not finite stops training).
+    describe: a row as a short text for progress lines.
+    note: ``note(net)``, text appended to the stop messages (e.g. skipped images).
     """
-    net: str = "color_dropping"
-    images: str = "data/photos/train"
-    seed: int = 0
-    workers: int = 2
-    factorized_head: bool = True
-    data: tuple = ()
-    solver_overrides: tuple = ()
+    log_format: LogFormat
+    stepper: Callable
+    loss: str
+    describe: Callable
+    note: Callable = lambda net: ""
 
 
-def latest_snapshot(run_dir):
-    """(iteration, path) of the newest solverstate in ``run_dir``, or None."""
-    found = [(int(m.group(1)), path) for path in Path(run_dir).glob("model_iter_*.solverstate")
-             if (m := _SNAPSHOT.search(path.name))]
-    return max(found) if found else None
+def timed_step(solver):
+    """Run one solver step; returns its wall-clock seconds."""
+    started = time.perf_counter()
+    solver.step(1)
+    return time.perf_counter() - started
 
 
 def move_aside(run_dir):
@@ -78,41 +81,6 @@ def move_aside(run_dir):
     target = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.rename(target)
     return target
-
-
-def write_run_files(run_dir, config, solver_template=None):
-    """Write train.prototxt and solver.prototxt (absolute paths) into ``run_dir``.
-
-    ``solver_template``: an existing solver prototxt whose settings are kept,
-    except ``net``, ``snapshot_prefix`` and ``solver_mode``, which the run
-    owns. Returns the solver path.
-    """
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    params = data_layer_params(config.net, str(Path(config.images).resolve())
-                               if Path(config.images).exists() else config.images,
-                               seed=config.seed, workers=config.workers, **dict(config.data))
-    net_path = run_dir / "train.prototxt"
-    net_path.write_text(str(train_net(config.net, params,
-                                      NetOptions(factorized_head=config.factorized_head))))
-    if solver_template:
-        read_solver_param(solver_template)  # Caffe would abort on a syntax error
-        text = Path(solver_template).read_text()
-        text = re.sub(r'^\s*(net|snapshot_prefix|solver_mode|train_net)\s*:.*\n?', "", text,
-                      flags=re.M)
-        text = (f'net: "{net_path}"\nsnapshot_prefix: "{run_dir}/model"\n'
-                f"solver_mode: CPU\n{text}")
-    else:
-        text = solver_text(net_path, f"{run_dir}/model")
-    # Caffe's own seed fixes the filler initialisation of a fresh run.
-    for key, value in (("random_seed", config.seed),) + tuple(config.solver_overrides):
-        text, count = re.subn(rf"^{key}:.*$", f"{key}: {value}", text, flags=re.M)
-        if not count:
-            text += f"{key}: {value}\n"
-    solver_path = run_dir / "solver.prototxt"
-    solver_path.write_text(text)
-    (run_dir / "run.json").write_text(json.dumps(config.__dict__, indent=2, default=list) + "\n")
-    return solver_path
 
 
 class StopRequests:
@@ -185,10 +153,7 @@ class DivergenceWatch:
     def _weights(self):
         return {name: self.net.params[name][0].data.copy() for name in self.layers}
 
-    def check(self, iteration):
-        """Raises DivergenceError if the net diverged; records norms every ``every`` steps."""
-        if iteration % self.every:
-            return
+    def _check_blobs(self, iteration):
         if self._pool1 is not None:
             diff = self._pool1.diff
             pool1 = float(max(diff.max(), -diff.min()))  # NaN propagates
@@ -198,6 +163,12 @@ class DivergenceWatch:
             fc8 = float(self.net.params["fc8"][0].data.sum())
             if not np.isfinite(fc8) or abs(fc8) > 1e10:
                 raise DivergenceError(f"iteration {iteration}: sum of fc8 weights = {fc8}")
+
+    def check(self, iteration):
+        """Raises DivergenceError if the net diverged; records norms every ``every`` steps."""
+        if iteration % self.every:
+            return
+        self._check_blobs(iteration)
         weights = self._weights()
         change = {name: float(np.linalg.norm(weights[name] - self._last_weights[name]))
                   for name in self.layers}
@@ -212,81 +183,18 @@ class DivergenceWatch:
         self._last_weights, self._last_change = weights, change
 
 
-def recompute_batchnorm_statistics(caffe, train_prototxt, weights, out, batches=10):
-    """Write ``weights`` to ``out`` with BatchNorm statistics re-estimated.
-
-    Caffe's TEST-phase BatchNorm uses running averages gathered while the
-    weights were changing; after a short training run they lag behind the
-    final weights. This zeroes them and averages ``batches`` TRAIN-phase
-    forward passes of ``train_prototxt`` (its own data layer) under the
-    final weights, without any update.
-    """
-    from ctxpred.weights.surgery import load_params
-    from ctxpred.weights.files import read_weights
-
-    net = caffe.Net(str(train_prototxt), caffe.TRAIN)
-    try:
-        load_params(net, read_weights(weights))
-        batchnorms = [name for name, layer in zip(net._layer_names, net.layers)
-                      if layer.type == "BatchNorm"]
-        for name in batchnorms:
-            for blob in net.params[name]:
-                blob.data[...] = 0
-        for _ in range(batches):
-            net.forward()
-        net.save(str(out))
-    finally:
-        close_data_layers(net)
-    return out
+def describe_row(row):
+    """A train.log row as ``name value`` pairs (the generic progress text)."""
+    return " ".join(f"{name} {value:.4g}" for name, value in row.items() if name != "iter")
 
 
-def _data_layer(net):
-    return next((layer for layer in net.layers if isinstance(layer, PatchPairData)), None)
-
-
-def skipped_images_note(net):
-    """``"; N images skipped (unreadable or too small)"`` for a net's data layer, or ""."""
-    layer = _data_layer(net)
-    count = layer.prefetcher.images_skipped if layer is not None else 0
-    return f"; {count} image{'s' * (count != 1)} skipped (unreadable or too small)" if count else ""
-
-
-def default_workers(gpu, cpu_count=None):
-    """Loader processes for a run: 2 on the CPU; with a GPU, every core but one (the solver's)."""
-    if gpu is None:
-        return 2
-    if cpu_count is None:
-        try:
-            cpu_count = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cpu_count = os.cpu_count() or 2
-    return max(1, cpu_count - 1)
-
-
-def choose_device(request, status):
-    """Pick the device for a run: ``(gpu id or None, one line saying which and why)``.
-
-    request: "auto" (the GPU when usable, else the CPU), "gpu" or "cpu".
-    status: ``ctxpred.caffe.env.gpu_status()`` (``.usable``, ``.reason``).
-    Raises ValueError for "gpu" when no GPU is usable, naming the reason.
-    """
-    if request not in ("auto", "gpu", "cpu"):
-        raise ValueError(f"device must be auto, gpu or cpu, not {request!r}")
-    if request == "cpu":
-        return None, "CPU (asked for)"
-    if status.usable:
-        reason = status.reason.rstrip(".")
-        return 0, reason if reason.startswith("GPU 0") else f"GPU 0 ({reason})"
-    if request == "gpu":
-        raise ValueError(f"a GPU was asked for, but none is usable: {status.reason}")
-    return None, f"CPU (no usable GPU: {status.reason.rstrip('.')})"
-
-
-def progress_printer(total, start, every_seconds=10.0, clock=time.monotonic):
+def progress_printer(total, start, every_seconds=10.0, clock=time.monotonic,
+                     describe=describe_row):
     """A progress callback: a tqdm bar on a terminal, else a line every ``every_seconds``.
 
-    The line is printed for the first step and then at most every
-    ``every_seconds`` of wall clock, so a fast (GPU) run does not flood a log.
+    The line (``iter N: describe(row)``) is printed for the first step and
+    then at most every ``every_seconds`` of wall clock, so a fast (GPU) run
+    does not flood a log.
     """
     import sys
     if sys.stderr.isatty():
@@ -295,9 +203,8 @@ def progress_printer(total, start, every_seconds=10.0, clock=time.monotonic):
 
         def show(row):
             # tqdm redraws at most every mininterval; no forced refresh per step
-            bar.set_postfix(loss=f"{row['loss_per_pair']:.3f}", acc=f"{row['accuracy']:.3f}",
-                            wait=f"{row['data_wait_s']:.2f}s", refresh=False)
-            bar.update(1)
+            bar.set_postfix_str(describe(row), refresh=False)
+            bar.update(row["iter"] - bar.n)
         return show
 
     last = [None]
@@ -306,42 +213,37 @@ def progress_printer(total, start, every_seconds=10.0, clock=time.monotonic):
         now = clock()
         if last[0] is None or now - last[0] >= every_seconds:
             last[0] = now
-            print(f"iter {row['iter']}: loss/pair {row['loss_per_pair']:.4f} "
-                  f"acc {row['accuracy']:.3f} step {row['step_s']:.2f}s "
-                  f"wait {row['data_wait_s']:.2f}s", flush=True)
+            print(f"iter {row['iter']}: {describe(row)}", flush=True)
     return show
 
 
 class TrainingLoop:
     """One training step and its bookkeeping, O(1) per step whatever the run's length.
 
-    Each :meth:`step` runs ``solver.step(1)``, builds the train.log row from
-    blobs looked up once (their shapes, never a copy of their data), runs the
-    divergence watch (its checks every ``watch_every`` steps), buffers the row
-    in :class:`ctxpred.training.log.TrainLog` (written every ``flush_seconds``)
+    Each :meth:`step` runs the kind's step function (one ``solver.step(1)``
+    and its train.log row), checks the loss and runs the divergence watch
+    (its weight checks every ``watch_every`` steps), buffers the row in
+    :class:`ctxpred.training.log.TrainLog` (written every ``flush_seconds``)
     and redraws training.png from the log's running summary when
     ``plot_seconds`` of wall clock have passed (None: only on :meth:`close`).
     ``close`` flushes the log; call it on every stop.
     """
 
-    def __init__(self, solver, run_dir, plot_seconds=60.0, flush_seconds=10.0, progress=None,
-                 stop=None, deadline=None, watch_every=100, clock=time.monotonic):
+    def __init__(self, solver, run_dir, kind, plot_seconds=60.0, flush_seconds=10.0,
+                 progress=None, stop=None, deadline=None, watch_every=100, clock=time.monotonic):
         self.solver = solver
-        self.net = solver.net
+        self.kind = kind
         self.run_dir = Path(run_dir)
         self.png_path = self.run_dir / "training.png"
         self.plot_seconds = plot_seconds
         self.progress = progress
         self.stop, self.deadline = stop, deadline
         self._clock = clock
-        layer = _data_layer(self.net)
-        self._loader = layer.prefetcher if layer is not None else None
-        blobs = self.net.blobs
-        self._loss, self._accuracy = blobs["loss"], blobs["accuracy"]
-        self._label, self._data = blobs["label"], blobs["data"]
-        self.watch = DivergenceWatch(self.net, every=watch_every)
+        self._step = kind.stepper(solver)
+        self.watch = DivergenceWatch(solver.net, every=watch_every)
         self.log = TrainLog(self.run_dir / "train.log", keep_through=solver.iter,
-                            flush_seconds=flush_seconds, clock=clock)
+                            flush_seconds=flush_seconds, clock=clock,
+                            log_format=kind.log_format)
         self._last_plot = clock()
 
     def step(self):
@@ -351,19 +253,11 @@ class TrainingLoop:
         budget" once ``deadline``, a ``clock`` time, has passed), else None;
         ``self.row`` is the step's row. Raises DivergenceError.
         """
-        loader = self._loader
-        waited = loader.wait_seconds if loader is not None else 0.0
-        started = time.perf_counter()
-        self.solver.step(1)
-        step_s = time.perf_counter() - started
-        pairs = self._label.count
-        iteration = self.solver.iter
-        row = dict(iter=iteration, loss_per_pair=float(self._loss.data) / pairs,
-                   accuracy=float(self._accuracy.data), pairs=pairs, patches=self._data.num,
-                   data_wait_s=round((loader.wait_seconds if loader is not None else 0.0)
-                                     - waited, 4),
-                   step_s=round(step_s, 4))
-        self.watch.check(iteration)
+        row = self._step()
+        loss = row[self.kind.loss]
+        if not math.isfinite(loss):
+            raise DivergenceError(f"iteration {row['iter']}: {self.kind.loss} = {loss}")
+        self.watch.check(row["iter"])
         self.log.append(row)
         if self.progress:
             self.progress(row)
@@ -379,7 +273,8 @@ class TrainingLoop:
     def plot(self):
         """Redraw training.png from the running summary (cost independent of the run's length)."""
         if self.log.summary.rows:
-            plot_summary(self.log.summary, self.png_path, self.run_dir.name)
+            plot_summary(self.log.summary, self.png_path, self.run_dir.name,
+                         log_format=self.kind.log_format)
         self._last_plot = self._clock()
 
     def close(self):
@@ -387,153 +282,201 @@ class TrainingLoop:
         self.log.close()
 
 
-def _solver_snapshot_every(solver_path):
-    match = re.search(r"^\s*snapshot\s*:\s*(\d+)", Path(solver_path).read_text(), re.M)
-    return int(match.group(1)) if match else 0
+class EventLog:
+    """Messages of a run: to ``show`` and, timestamped, to ``events.log`` in the run folder.
+
+    A failure to write events.log is reported once and never stops the run.
+    """
+
+    def __init__(self, run_dir, show=print):
+        self.path = Path(run_dir) / "events.log"
+        self.show = show
+        self._failed = False
+
+    def __call__(self, message):
+        self.show(message)
+        try:
+            with open(self.path, "a", encoding="utf-8") as events:
+                events.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        except OSError as error:
+            if not self._failed:
+                self._failed = True
+                self.show(f"warning: cannot write events.log: "
+                          f"{snapshots.io_error_text(error, self.path.parent)}")
 
 
-def train(caffe, solver_path, run_dir, max_iter, time_budget_s=None, plot_seconds=60.0,
-          flush_seconds=10.0, snapshot_every=None, snapshot_minutes=5.0, keep=5,
-          progress=None, log=print, lock=None):
-    """Run the solver until ``max_iter`` (or the time budget, or a stop request).
+@dataclass(frozen=True)
+class RunSettings:
+    """When a run stops, logs, plots and snapshots (see :func:`run_solver`)."""
+    max_iter: int
+    time_budget_s: float = None
+    plot_seconds: float = 60.0
+    flush_seconds: float = 10.0
+    snapshot_every: int = None
+    snapshot_minutes: float = 5.0
+    keep: int = 5
 
-    Messages (resume, stop, divergence) go to ``log`` and, timestamped, to
-    ``events.log`` in the run folder. train.log is buffered and written every
-    ``flush_seconds`` and on every stop (normal, signal, divergence,
-    exception); training.png is redrawn every ``plot_seconds`` and at the
-    end. On resume, train.log rows after the restored iteration are dropped.
 
-    Snapshots (ctxpred.training.snapshots: atomic, verified on resume) are written
-    every ``snapshot_every`` steps (None: the solver file's ``snapshot``
-    value), every ``snapshot_minutes`` of wall clock (None: never) and when
-    training stops; the newest ``keep`` pairs are kept. A failed step (data
-    loader, I/O) is followed by a snapshot of the last completed step
-    before the error propagates. The run folder is locked for the run
-    (RunFolderLocked when another live trainer holds it); pass ``lock`` (an
-    acquired ``snapshots.RunLock``) when the caller took it earlier.
+def run_solver(caffe, solver_path, run_dir, kind, settings, progress=None, log=print,
+               lock=None, initialize=None, finish=None):
+    """Run the solver of ``solver_path`` in ``run_dir`` until ``settings.max_iter`` (or the
+    time budget, or a stop request); returns a dict: final iteration, stop reason, snapshot
+    path, seconds.
 
-    Returns a dict: final iteration, stop reason, snapshot path, seconds.
+    kind: a :class:`RunKind` (what a step logs). settings: a :class:`RunSettings`.
+    Messages (resume, stop, divergence) go to ``log`` and to events.log.
+    train.log is buffered and written every ``flush_seconds`` and on every
+    stop (normal, signal, divergence, exception); training.png is redrawn
+    every ``plot_seconds`` and at the end. Snapshots (atomic, verified on
+    resume) are written every ``snapshot_every`` steps (None: the solver
+    file's ``snapshot`` value), every ``snapshot_minutes`` of wall clock
+    (None: never) and when training stops; the newest ``keep`` pairs are
+    kept. A failed step (data loader, I/O) is followed by a snapshot of the
+    last completed step before the error propagates. The folder is locked
+    for the run (RunFolderLocked when another live trainer holds it); pass
+    ``lock`` (an acquired ``snapshots.RunLock``) when the caller took it.
+    ``initialize(net)`` prepares a fresh (not resumed) run's net;
+    ``finish(net)`` is called after the final snapshot of a run that stopped
+    cleanly (e.g. to save final weights).
+
     Raises DivergenceError after leaving the last good snapshot in place,
     SnapshotError when a snapshot cannot be written.
     """
-    from ctxpred.training import snapshots
     run_dir = Path(run_dir)
-    caffe_pb2 = importlib.import_module("caffe.proto.caffe_pb2")
-    show = log
-    events_failed = []
-
-    def log(message):
-        show(message)
-        try:
-            with open(run_dir / "events.log", "a", encoding="utf-8") as events:
-                events.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-        except OSError as error:  # never let the event log stop a run
-            if not events_failed:
-                events_failed.append(error)
-                show(f"warning: cannot write events.log: "
-                     f"{snapshots.io_error_text(error, run_dir)}")
-
-    if snapshot_every is None:
-        snapshot_every = _solver_snapshot_every(solver_path)
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, not {keep}")
+    if settings.keep < 1:
+        raise ValueError(f"keep must be at least 1, not {settings.keep}")
+    if settings.snapshot_every is None:
+        settings = RunSettings(**{**settings.__dict__,
+                                  "snapshot_every": read_solver(solver_path).snapshot})
     own_lock = lock is None
     if own_lock:
         lock = snapshots.RunLock(run_dir).acquire()
     try:
-        if lock.previous_pid and lock.previous_pid != str(os.getpid()):
-            log(f"took over the lock left by PID {lock.previous_pid} (no longer running)")
-        for name in STOP_FILES:
-            if (run_dir / name).exists():
-                (run_dir / name).unlink()
-                log(f"removed the '{name}' file left by the previous session")
-        solver = caffe.get_solver(str(snapshots.staging_solver(solver_path, run_dir)))
-        try:
-            resume = snapshots.find_resume(caffe_pb2, solver.net, run_dir, log)
-        except Exception:
-            close_data_layers(solver.net)
-            raise
-        if resume:
-            solver.restore(str(resume[1]))
-            log(f"resuming from {resume[1]} (iteration {solver.iter})")
-        return _run(solver, run_dir, max_iter, time_budget_s, plot_seconds, flush_seconds,
-                    snapshot_every, snapshot_minutes, keep, progress, log, caffe_pb2,
-                    resume[0] if resume else 0)
+        events = EventLog(run_dir, log)
+        solver, start = _start_solver(caffe, solver_path, run_dir, lock, events, initialize)
+        return SolverRun(solver, run_dir, kind, settings, progress, events, start).run(finish)
     finally:
         if own_lock:
             lock.release()
 
 
-def _run(solver, run_dir, max_iter, time_budget_s, plot_seconds, flush_seconds,
-         snapshot_every, snapshot_minutes, keep, progress, log, caffe_pb2, start_iter):
-    from ctxpred.training import snapshots
-    net = solver.net
-    loop = None
-    started, reason = time.monotonic(), "max_iter"
-    saved = {"iter": start_iter, "at": started}
-    copies = snapshots.history_copies(run_dir / f"{snapshots.PART}.solver.prototxt")
-
-    def save(stop):
-        if solver.iter == saved["iter"]:
-            return
-        with stop.critical(f"the snapshot at iteration {solver.iter}"):
-            snapshots.write_snapshot(solver, run_dir, copies)
-            snapshots.prune_snapshots(run_dir, keep)
-        saved.update(iter=solver.iter, at=time.monotonic())
-
+def _start_solver(caffe, solver_path, run_dir, lock, log, initialize):
+    """The run's solver, restored from its newest intact snapshot or initialised; returns
+    (solver, iteration it starts from). Stop files of a previous session are removed."""
+    if lock.previous_pid and lock.previous_pid != str(os.getpid()):
+        log(f"took over the lock left by PID {lock.previous_pid} (no longer running)")
+    for name in STOP_FILES:
+        if (run_dir / name).exists():
+            (run_dir / name).unlink()
+            log(f"removed the '{name}' file left by the previous session")
+    solver = caffe.get_solver(str(snapshots.staging_solver(solver_path, run_dir)))
+    caffe_pb2 = importlib.import_module("caffe.proto.caffe_pb2")
     try:
-        with StopRequests(run_dir) as stop:
-            loop = TrainingLoop(solver, run_dir, plot_seconds=plot_seconds,
-                                flush_seconds=flush_seconds, progress=progress, stop=stop,
-                                deadline=started + time_budget_s if time_budget_s else None)
-            if loop.log.dropped:
-                log(f"train.log: dropped {loop.log.dropped} rows after iteration {solver.iter} "
-                    "or superseded by a later run")
-            try:
-                while solver.iter < max_iter:
-                    stopped = loop.step()
-                    if (snapshot_every and solver.iter % snapshot_every == 0) or (
-                            snapshot_minutes is not None
-                            and time.monotonic() - saved["at"] >= 60 * snapshot_minutes):
-                        save(stop)
-                    if stopped:
-                        reason = stopped
-                        break
-            except (DivergenceError, KeyboardInterrupt, snapshots.SnapshotError):
-                raise
-            except Exception as error:  # a failed loader, an I/O error: keep the last step
-                skipped = skipped_images_note(net)
-                try:
-                    save(stop)
-                    log(f"failed at iteration {solver.iter} ({error}); snapshot written{skipped}")
-                except Exception as snapshot_error:
-                    log(f"failed at iteration {solver.iter} ({error}); no snapshot: "
-                        f"{snapshot_error}{skipped}")
-                raise
-            loop.close()
-            save(stop)
-        snapshot = snapshots.snapshot_pairs(run_dir)
-        log(f"stopped at iteration {solver.iter} ({reason}); snapshot "
-            f"{snapshot[0][1] if snapshot else 'none'}{skipped_images_note(net)}")
-        loop.plot()
-    except DivergenceError as error:
-        loop.close()
-        loop.plot()
-        good = snapshots.snapshot_pairs(run_dir)
-        message = (f"{error}; training stopped, last good snapshot: "
-                   f"{good[0][1] if good else 'none'}")
-        log(f"diverged: {message}")
-        raise DivergenceError(message) from None
-    except KeyboardInterrupt as interrupt:
-        good = snapshots.snapshot_pairs(run_dir)
-        log(f"interrupted at iteration {solver.iter}: {interrupt or 'Ctrl-C'}; newest "
-            f"snapshot {good[0][1] if good else 'none'}{skipped_images_note(net)}")
+        resume = snapshots.find_resume(caffe_pb2, solver.net, run_dir, log)
+        if resume:
+            solver.restore(str(resume[1]))
+            log(f"resuming from {resume[1]} (iteration {solver.iter})")
+        elif initialize is not None:
+            initialize(solver.net)
+    except BaseException:
+        close_data_layers(solver.net)
         raise
-    finally:
+    return solver, resume[0] if resume else 0
+
+
+class SolverRun:
+    """One session of a run: the step loop, its snapshots and how it ends (see
+    :func:`run_solver`)."""
+
+    def __init__(self, solver, run_dir, kind, settings, progress, log, start_iter):
+        self.solver, self.net = solver, solver.net
+        self.run_dir, self.kind, self.settings = run_dir, kind, settings
+        self.progress, self.log = progress, log
+        self.saved_iter, self.saved_at = start_iter, time.monotonic()
+        staging = read_solver(run_dir / f"{snapshots.PART}.solver.prototxt")
+        self.history_copies = history_copies(staging)
+
+    def save(self, stop):
+        """Snapshot the current iteration (once) and prune old pairs."""
+        if self.solver.iter == self.saved_iter:
+            return
+        with stop.critical(f"the snapshot at iteration {self.solver.iter}"):
+            snapshots.write_snapshot(self.solver, self.run_dir, self.history_copies)
+            snapshots.prune_snapshots(self.run_dir, self.settings.keep)
+        self.saved_iter, self.saved_at = self.solver.iter, time.monotonic()
+
+    def _snapshot_due(self):
+        every, minutes = self.settings.snapshot_every, self.settings.snapshot_minutes
+        return bool(every and self.solver.iter % every == 0) or (
+            minutes is not None and time.monotonic() - self.saved_at >= 60 * minutes)
+
+    def _newest(self):
+        pairs = snapshots.snapshot_pairs(self.run_dir)
+        return pairs[0][1] if pairs else None
+
+    def steps(self, loop, stop):
+        """Step until max_iter or a stop; returns the reason. A failed step leaves a
+        snapshot of the last completed one."""
         try:
-            if loop is not None:
+            while self.solver.iter < self.settings.max_iter:
+                stopped = loop.step()
+                if self._snapshot_due():
+                    self.save(stop)
+                if stopped:
+                    return stopped
+            return "max_iter"
+        except (DivergenceError, KeyboardInterrupt, snapshots.SnapshotError):
+            raise
+        except Exception as error:  # a failed loader, an I/O error: keep the last step
+            failed = f"failed at iteration {self.solver.iter} ({error})"
+            try:
+                self.save(stop)
+                self.log(f"{failed}; snapshot written{self.kind.note(self.net)}")
+            except Exception as snapshot_error:
+                self.log(f"{failed}; no snapshot: {snapshot_error}{self.kind.note(self.net)}")
+            raise
+
+    def run(self, finish=None):
+        """The loop from start to stop; returns the result dict of :func:`run_solver`."""
+        started, loop = time.monotonic(), None
+        budget = self.settings.time_budget_s
+        try:
+            with StopRequests(self.run_dir) as stop:
+                loop = TrainingLoop(self.solver, self.run_dir, self.kind,
+                                    self.settings.plot_seconds, self.settings.flush_seconds,
+                                    self.progress, stop, started + budget if budget else None)
+                if loop.log.dropped:
+                    self.log(f"train.log: dropped {loop.log.dropped} rows after iteration "
+                             f"{self.solver.iter} or superseded by a later run")
+                reason = self.steps(loop, stop)
                 loop.close()
+                self.save(stop)
+                if finish is not None:
+                    finish(self.net)
+            snapshot = self._newest()
+            self.log(f"stopped at iteration {self.solver.iter} ({reason}); snapshot "
+                     f"{snapshot or 'none'}{self.kind.note(self.net)}")
+            loop.plot()
+        except DivergenceError as error:
+            self._diverged(loop, error)
+        except KeyboardInterrupt as interrupt:
+            self.log(f"interrupted at iteration {self.solver.iter}: {interrupt or 'Ctrl-C'}; "
+                     f"newest snapshot {self._newest() or 'none'}{self.kind.note(self.net)}")
+            raise
         finally:
-            close_data_layers(net)
-    return dict(iter=solver.iter, reason=reason, snapshot=snapshot and str(snapshot[0][1]),
-                seconds=time.monotonic() - started)
+            try:
+                if loop is not None:
+                    loop.close()
+            finally:
+                close_data_layers(self.net)
+        return dict(iter=self.solver.iter, reason=reason, snapshot=snapshot and str(snapshot),
+                    seconds=time.monotonic() - started)
+
+    def _diverged(self, loop, error):
+        """Log the divergence with the last good snapshot and raise it again."""
+        if loop is not None:
+            loop.close()
+            loop.plot()
+        message = f"{error}; training stopped, last good snapshot: {self._newest() or 'none'}"
+        self.log(f"diverged: {message}")
+        raise DivergenceError(message) from None

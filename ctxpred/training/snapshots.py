@@ -58,6 +58,12 @@ def snapshot_pairs(run_dir):
     return sorted(found, reverse=True)
 
 
+def latest_snapshot(run_dir):
+    """(iteration, path) of the newest solverstate in ``run_dir``, or None."""
+    pairs = snapshot_pairs(run_dir)
+    return pairs[0] if pairs else None
+
+
 def staging_solver(solver_path, run_dir):
     """A copy of the run's solver that snapshots under temporary names and never by itself.
 
@@ -67,13 +73,11 @@ def staging_solver(solver_path, run_dir):
     place. The run's solver.prototxt stays as written (the plain ``caffe
     train`` binary uses it); the training loop decides when to snapshot.
     """
+    from ctxpred.training.solvers import read_solver, set_fields, write_solver
     run_dir = Path(run_dir).resolve()
-    text = Path(solver_path).read_text()
-    text = re.sub(r'^\s*(snapshot_prefix|snapshot)\s*:.*\n?', "", text, flags=re.M)
-    text = f'snapshot_prefix: "{run_dir / PART}"\nsnapshot: 0\n' + text
-    path = run_dir / f"{PART}.solver.prototxt"
-    path.write_text(text)
-    return path
+    solver = set_fields(read_solver(solver_path), snapshot_prefix=run_dir / PART, snapshot=0)
+    return write_solver(solver, run_dir / f"{PART}.solver.prototxt",
+                        order=("snapshot_prefix", "snapshot"))
 
 
 def _fsync_dir(path):
@@ -359,9 +363,3 @@ class RunLock:
 
     def __exit__(self, *exc_info):
         self.release()
-
-
-def history_copies(solver_path):
-    """Parameter-sized history blobs a solver keeps per parameter (from its prototxt)."""
-    match = re.search(r'^\s*type\s*:\s*"?(\w+)', Path(solver_path).read_text(), re.M)
-    return 2 if match and match.group(1) in ("Adam", "AdaDelta") else 1
