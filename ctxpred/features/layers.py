@@ -66,7 +66,7 @@ def pooling_geometry(channels, height, width, target_dims=TARGET_DIMS):
     kernel, stride, out = [], [], []
     for side in (height, width):
         count = min(cells, side)
-        step = max(1, side // count - 1)
+        step = max(1, side // count - 1) if count > 1 else 1
         kernel.append(side - (count - 1) * step)
         stride.append(step)
         out.append(count)
