@@ -262,7 +262,7 @@ def test_cli_missing_weights_file(tmp_path):
     result = run_tool("--deploy", REPO / "prototxt" / "color_dropping" / "deploy.prototxt",
                       "--weights", missing, "--out", tmp_path / "out.onnx")
     assert result.returncode == 2
-    assert f"weight file {missing} does not exist" in result.stderr
+    assert f"--weights: file {missing} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.onnx").exists()
 

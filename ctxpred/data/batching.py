@@ -249,22 +249,8 @@ class BatchAssembler:
                 f"out_data holds {out_data.shape[0]} patches, a batch needs {config.batch_capacity}"
             )
 
-        samples: list[_Sample] = []
-        n_patches = 0
-        while n_patches < config.batch_capacity:
-            sample = self._carried_over or self._next_sample()
-            self._carried_over = None
-            if n_patches + len(sample.corners) > config.batch_capacity:
-                if not samples:
-                    raise ValueError(
-                        f"a single grid of {len(sample.corners)} patches does not fit in a batch "
-                        f"of fewer than {config.max_patches} patches"
-                    )
-                self._carried_over = sample
-                break
-            samples.append(sample)
-            n_patches += len(sample.corners)
-
+        samples = self._samples_for_batch()
+        n_patches = sum(len(sample.corners) for sample in samples)
         first_patch = np.cumsum([0] + [len(sample.corners) for sample in samples[:-1]])
         pairs = np.concatenate(
             [sample.pairs + offset for sample, offset in zip(samples, first_patch)]
@@ -293,6 +279,26 @@ class BatchAssembler:
             ),
             corners=np.concatenate([sample.corners for sample in samples]),
         )
+
+    def _samples_for_batch(self) -> list[_Sample]:
+        """The grids (or pairs) of the next batch: as many as fit, the next one carried over."""
+        capacity = self.config.batch_capacity
+        samples: list[_Sample] = []
+        n_patches = 0
+        while n_patches < capacity:
+            sample = self._carried_over or self._next_sample()
+            self._carried_over = None
+            if n_patches + len(sample.corners) > capacity:
+                if not samples:
+                    raise ValueError(
+                        f"a single grid of {len(sample.corners)} patches does not fit in a batch "
+                        f"of fewer than {self.config.max_patches} patches"
+                    )
+                self._carried_over = sample
+                break
+            samples.append(sample)
+            n_patches += len(sample.corners)
+        return samples
 
     def _next_sample(self) -> _Sample:
         """Draw the next grid (or pair) that has at least one pair."""

@@ -142,43 +142,18 @@ def analysis_net(net_param, input_shape=None, dropout="train"):
     analysis.CopyFrom(net_param)
     del analysis.layer[:]
     analysis.force_backward = True
-    notes, renamed, produced, computing = [], {}, set(), False
+    notes, renamed, produced = [], {}, set()
     for original in phase_layers(net_param, "train"):
-        layer = type(original)()
-        layer.CopyFrom(original)
-        layer.ClearField("include")
-        layer.ClearField("exclude")
-        layer.bottom[:] = [renamed.get(name, name) for name in layer.bottom]
-        if _is_stripped(layer.type):
-            notes.append(f"left out {layer.type} layer {layer.name} (no weights)")
+        layer = _analysis_layer(original, renamed, dropout, notes)
+        if layer is None:
             continue
-        if layer.type == "Dropout":
-            if dropout == "identity":
-                renamed[layer.top[0]] = layer.bottom[0]
-                notes.append(f"note: Dropout layer {layer.name} is the identity for the analysis "
-                             "(as at test time), unlike the reference")
-                continue
-            notes.append(f"note: Dropout layer {layer.name} is active (Caffe's TRAIN phase, as "
-                         "in the reference): the result varies with the seed")
-        _check_type(layer)
         if layer.type in INPUT_TYPES:
-            if computing:
-                raise MagicInitError(f"input layer {layer.name} comes after computing layers; "
-                                     "magic init needs the input layers first")
-            if input_shape is not None:
-                if any(kept.type in INPUT_TYPES for kept in analysis.layer):
-                    raise MagicInitError(f"the net has several input layers ({layer.name} is "
-                                         "another); images (-d) feed only one")
-                layer = _image_input(layer, input_shape)
-            elif layer.type == "Input":
-                raise MagicInitError(f"input layer {layer.name} is an Input layer, which has no "
-                                     "data of its own: give images (-d)")
+            layer = _analysis_input(layer, analysis, input_shape)
         missing = [name for name in layer.bottom if name not in produced]
         if missing:
             raise MagicInitError(f"layer {layer.name} reads {', '.join(missing)}, which no "
                                  "layer before it produces in the analysis net")
         produced.update(layer.top)
-        computing = computing or layer.type not in INPUT_TYPES
         analysis.layer.append(layer)
     if not any(layer.type in PARAMETER_TYPES for layer in analysis.layer):
         raise MagicInitError("the net has no parameter layer (Convolution, InnerProduct, "
@@ -186,6 +161,48 @@ def analysis_net(net_param, input_shape=None, dropout="train"):
     if not any(layer.type in INPUT_TYPES for layer in analysis.layer):
         raise MagicInitError(f"the net has no input layer ({', '.join(INPUT_TYPES)})")
     return analysis, notes
+
+
+def _analysis_layer(original, renamed, dropout, notes):
+    """A copy of ``original`` for the analysis net without phase rules, or None to leave it out.
+
+    Left-out layers (no weights; Dropout in "identity" mode) get a note;
+    ``renamed`` maps a dropped Dropout's top to its bottom for later layers.
+    """
+    layer = type(original)()
+    layer.CopyFrom(original)
+    layer.ClearField("include")
+    layer.ClearField("exclude")
+    layer.bottom[:] = [renamed.get(name, name) for name in layer.bottom]
+    if _is_stripped(layer.type):
+        notes.append(f"left out {layer.type} layer {layer.name} (no weights)")
+        return None
+    if layer.type == "Dropout":
+        if dropout == "identity":
+            renamed[layer.top[0]] = layer.bottom[0]
+            notes.append(f"note: Dropout layer {layer.name} is the identity for the analysis "
+                         "(as at test time), unlike the reference")
+            return None
+        notes.append(f"note: Dropout layer {layer.name} is active (Caffe's TRAIN phase, as "
+                     "in the reference): the result varies with the seed")
+    _check_type(layer)
+    return layer
+
+
+def _analysis_input(layer, analysis, input_shape):
+    """Input layer ``layer`` as the analysis net takes it (see :func:`analysis_net`)."""
+    if any(kept.type not in INPUT_TYPES for kept in analysis.layer):
+        raise MagicInitError(f"input layer {layer.name} comes after computing layers; "
+                             "magic init needs the input layers first")
+    if input_shape is not None:
+        if analysis.layer:
+            raise MagicInitError(f"the net has several input layers ({layer.name} is "
+                                 "another); images (-d) feed only one")
+        return _image_input(layer, input_shape)
+    if layer.type == "Input":
+        raise MagicInitError(f"input layer {layer.name} is an Input layer, which has no "
+                             "data of its own: give images (-d)")
+    return layer
 
 
 def _check_type(layer):

@@ -645,6 +645,30 @@ def compare_with_caffe(deploy_path, weights_path, onnx_path, inputs):
     net = caffe.Net(str(deploy_path), caffe.TEST)
     load_weights_file(net, weights_path)
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inputs, batches = _checked_inputs(net, session, inputs)
+    largest = dict.fromkeys(net.outputs, 0.0)
+    differences = dict.fromkeys(net.outputs, 0.0)
+    onnx_outputs = [output.name for output in session.get_outputs()]
+    for batch in range(batches):
+        feed = {}
+        for name, array in inputs.items():
+            size = net.blobs[name].data.shape[0]
+            feed[name] = np.ascontiguousarray(array[batch * size:(batch + 1) * size], np.float32)
+            net.blobs[name].data[...] = feed[name]
+        expected = net.forward()
+        got = dict(zip(onnx_outputs, session.run(onnx_outputs, feed)))
+        for name in net.outputs:
+            reference = np.asarray(expected[name], np.float64)
+            largest[name] = max(largest[name], float(np.abs(reference).max(initial=0)))
+            differences[name] = max(differences[name], _difference(reference, got[name]))
+    max_abs = max(differences.values())
+    max_rel = max(differences[name] / largest[name] if largest[name] else differences[name]
+                  for name in net.outputs)
+    return max_abs, max_rel
+
+
+def _checked_inputs(net, session, inputs):
+    """({input name: array}, number of batches) after checking ``inputs`` against both nets."""
     if not isinstance(inputs, dict):
         if len(net.inputs) != 1:
             raise ValueError(f"the net has inputs {', '.join(net.inputs)}: pass a dict")
@@ -664,25 +688,12 @@ def compare_with_caffe(deploy_path, weights_path, onnx_path, inputs):
         batches.add(np.shape(array)[0] // blob_shape[0])
     if len(batches) != 1:
         raise ValueError("the inputs hold different numbers of batches")
-    largest = dict.fromkeys(net.outputs, 0.0)
-    differences = dict.fromkeys(net.outputs, 0.0)
-    for batch in range(batches.pop()):
-        feed = {}
-        for name, array in inputs.items():
-            size = net.blobs[name].data.shape[0]
-            feed[name] = np.ascontiguousarray(array[batch * size:(batch + 1) * size], np.float32)
-            net.blobs[name].data[...] = feed[name]
-        expected = net.forward()
-        got = dict(zip(onnx_outputs, session.run(onnx_outputs, feed)))
-        for name in net.outputs:
-            reference = np.asarray(expected[name], np.float64)
-            largest[name] = max(largest[name], float(np.abs(reference).max(initial=0)))
-            result = np.asarray(got[name], np.float64)
-            # NaN on one side only is infinitely different, NaN on both sides equal.
-            difference = np.where(np.isnan(reference) & np.isnan(result), 0,
-                                  np.nan_to_num(np.abs(result - reference), nan=np.inf))
-            differences[name] = max(differences[name], float(difference.max(initial=0)))
-    max_abs = max(differences.values())
-    max_rel = max(differences[name] / largest[name] if largest[name] else differences[name]
-                  for name in net.outputs)
-    return max_abs, max_rel
+    return inputs, batches.pop()
+
+
+def _difference(reference, result):
+    """Max |result - reference|; NaN on one side only is infinitely different, on both equal."""
+    result = np.asarray(result, np.float64)
+    difference = np.where(np.isnan(reference) & np.isnan(result), 0,
+                          np.nan_to_num(np.abs(result - reference), nan=np.inf))
+    return float(difference.max(initial=0))
