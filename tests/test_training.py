@@ -11,9 +11,12 @@ import pytest
 
 from ctxpred.caffe.env import gpu_status
 from ctxpred.training.context_run import RunConfig, train, write_run_files
-from ctxpred.training.log import read_log
-from ctxpred.training.loop import DivergenceError, DivergenceWatch
-from ctxpred.training.snapshots import latest_snapshot
+from ctxpred.training.log import LogFormat, read_log
+from ctxpred.training.loop import (DivergenceError, DivergenceWatch, RunKind, RunSettings,
+                                   describe_row, run_solver, timed_step)
+from ctxpred.training.snapshots import latest_snapshot, snapshot_pairs
+from ctxpred.training.solvers import (history_copies, make_solver, read_solver, set_fields,
+                                      solver_text, write_solver)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (("max_patches", 40),)
@@ -221,3 +224,58 @@ def test_tool_killed_keeps_flushed_rows_and_a_rerun_does_not_repeat_them(tmp_pat
     assert rerun.returncode == 0, rerun.stderr
     np.testing.assert_array_equal(read_log(out / "train.log")["iter"], [1, 2])
     assert f"dropped {len(flushed)} rows" in (out / "events.log").read_text()
+
+
+def test_solver_files_are_messages_written_in_the_callers_order(tmp_path):
+    solver = make_solver(net="a.prototxt", base_lr=1e-5, momentum=0, type="Adam",
+                         solver_mode="GPU", test_iter=[2, 3], clip_gradients=10)
+    text = solver_text(solver, order=("type", "net"))
+    assert text.splitlines()[:2] == ['type: "Adam"', 'net: "a.prototxt"']
+    for line in ("base_lr: 1e-05", "momentum: 0", "clip_gradients: 10", "solver_mode: GPU",
+                 "test_iter: 2\ntest_iter: 3"):
+        assert f"\n{line}\n" in text, line
+    assert history_copies(solver) == 2
+    path = write_solver(set_fields(solver, type=None, max_iter=5), tmp_path / "solver.prototxt")
+    again = read_solver(path)
+    assert again == solver and again.max_iter == 5 and history_copies(again) == 1
+    with pytest.raises(ValueError, match="no field 'bogus'"):
+        make_solver(bogus=1)
+
+
+def regression_stepper(solver):
+    loss = solver.net.blobs["loss"]
+
+    def step():
+        timed_step(solver)
+        return dict(iter=solver.iter, loss=float(loss.data))
+    return step
+
+
+def test_any_run_kind_trains_and_a_loss_that_is_not_finite_stops_it(caffe, tmp_path):
+    """run_solver on a net that is neither context, detector nor classifier."""
+    n = caffe.NetSpec()
+    n.data, n.target = caffe.layers.DummyData(
+        shape=[dict(dim=[4, 3]), dict(dim=[4, 2])], ntop=2,
+        data_filler=[dict(type="gaussian", std=1)] * 2)
+    n.fc = caffe.layers.InnerProduct(n.data, num_output=2,
+                                     weight_filler=dict(type="gaussian", std=1))
+    n.loss = caffe.layers.EuclideanLoss(n.fc, n.target)
+    (tmp_path / "net.prototxt").write_text(str(n.to_proto()))
+    kind = RunKind(LogFormat(("iter", "loss"), (("loss", "Euclidean loss", None),)),
+                   regression_stepper, "loss", describe_row)
+    run_dir, messages = tmp_path / "run", []
+    solver = make_solver(net=tmp_path / "net.prototxt", base_lr=0.01, lr_policy="fixed",
+                         max_iter=100, snapshot=2, random_seed=0)
+    path = write_solver(solver, tmp_path / "solver.prototxt")
+    result = run_solver(caffe, path, run_dir, kind, RunSettings(5), log=messages.append)
+    assert result["iter"] == 5 and result["reason"] == "max_iter"
+    assert read_log(run_dir / "train.log")["iter"].tolist() == [1, 2, 3, 4, 5]
+    assert [i for i, _ in snapshot_pairs(run_dir)] == [5, 4, 2]  # every 2 (the file), the end
+    assert (run_dir / "training.png").stat().st_size > 1000
+
+    write_solver(set_fields(solver, base_lr=1e30), path)
+    with pytest.raises(DivergenceError, match="iteration 7: loss = (inf|nan)"):
+        run_solver(caffe, path, run_dir, kind, RunSettings(50), log=messages.append)
+    assert any("resuming from" in m and "model_iter_5" in m for m in messages)
+    assert latest_snapshot(run_dir)[0] == 6  # iteration 7 (loss inf) is not snapshotted
+    assert "last good snapshot" in (run_dir / "events.log").read_text()
