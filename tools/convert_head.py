@@ -9,32 +9,24 @@ Examples:
   python tools/convert_head.py runs/color_dropping/model_iter_2000.caffemodel ref.caffemodel
   python tools/convert_head.py ref.caffemodel fact.caffemodel.h5 --to factorized
 """
-import argparse
 import sys
 
-from ctxpred.cli import run_tool
+from ctxpred.cli import fail, run_tool, tool_parser
 from ctxpred.weights.surgery import FIRST, to_factorized_head, to_reference_head
-from ctxpred.weights.files import WeightFileError, read_weights, write_weights
+from ctxpred.weights.files import read_weights, write_weights
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("weights", help="input caffemodel (binary or HDF5)")
     parser.add_argument("out", help="output caffemodel; HDF5 if it ends in .h5")
     parser.add_argument("--to", choices=("reference", "factorized"),
                         help="target layout (default: the one the input is not in)")
     args = parser.parse_args(argv)
-    try:
-        weights = read_weights(args.weights)
-    except (FileNotFoundError, WeightFileError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    weights = read_weights(args.weights)
     source = "factorized" if FIRST in weights else "reference" if "fc7" in weights else None
     if source is None:
-        print(f"error: {args.weights} has neither fc7 nor {FIRST}: not a pair-head model",
-              file=sys.stderr)
-        return 2
+        return fail(f"{args.weights} has neither fc7 nor {FIRST}: not a pair-head model")
     target = args.to or ("reference" if source == "factorized" else "factorized")
     if target != source:
         weights = (to_reference_head if target == "reference" else to_factorized_head)(weights)

@@ -17,18 +17,17 @@ Example:
       runs/color_dropping/model_iter_2000.caffemodel \\
       prototxt/color_dropping/deploy.prototxt folded.caffemodel
 """
-import argparse
 import sys
 
-from ctxpred.cli import run_tool
-from ctxpred.weights.surgery import (batchnorm_pairs, check_batchnorms_fold, compare_shapes, fold_batchnorm)
+from ctxpred.cli import BAD_INPUT, run_tool, tool_parser
+from ctxpred.weights.surgery import (batchnorm_pairs, check_batchnorms_fold, compare_shapes,
+                                     fold_batchnorm)
 from ctxpred.caffe.netparam import net_param_shapes, read_net_param
 from ctxpred.weights.files import read_weights, write_weights
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("indefinition", help="prototxt of the net with BatchNorm (its layer "
                                              "graph says which layers fold)")
     parser.add_argument("inmodel", help="caffemodel of that net (binary or HDF5), saved after "
@@ -38,20 +37,16 @@ def main(argv=None):
     parser.add_argument("outmodel", help="caffemodel to write for OUTDEFINITION's layers; "
                                          "HDF5 if it ends in .h5")
     args = parser.parse_args(argv)
-    try:
-        in_param, out_param = read_net_param(args.indefinition), read_net_param(args.outdefinition)
-        weights = read_weights(args.inmodel)
-        folded = fold_batchnorm(weights, in_param)
-        out_shapes = net_param_shapes(out_param, args.outdefinition)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    in_param, out_param = read_net_param(args.indefinition), read_net_param(args.outdefinition)
+    weights = read_weights(args.inmodel)
+    folded = fold_batchnorm(weights, in_param)
+    out_shapes = net_param_shapes(out_param, args.outdefinition)
     report = compare_shapes(out_shapes, folded)
     if report.different:
         print(f"error: the folded weights do not fit {args.outdefinition}:", file=sys.stderr)
         for line in report.lines():
             print(f"  {line}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     check_batchnorms_fold(weights, in_param, out_param, args.indefinition)  # ValueError: exit 2
     write_weights({name: folded[name] for name in out_shapes if name in folded}, args.outmodel)
     for layer, batchnorm in batchnorm_pairs(in_param):

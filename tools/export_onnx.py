@@ -19,14 +19,13 @@ Example:
   python tools/export_onnx.py --deploy prototxt/color_dropping/deploy.prototxt \\
       --weights runs/color_dropping/folded.caffemodel --out color_dropping.onnx --check
 """
-import argparse
 import math
 import sys
 from pathlib import Path
 
 import onnx
 
-from ctxpred.cli import run_tool
+from ctxpred.cli import FAILED, add_weights, run_tool, tool_parser
 from ctxpred.data.images import decode_rgb
 from ctxpred.weights.onnx import (DEFAULT_OPSET, MIN_OPSET, caffe_to_onnx, compare_with_caffe,
                                  photo_patches)
@@ -70,13 +69,10 @@ def _check(args, model):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--deploy", required=True,
                         help="deploy prototxt of the net (Input layer(s) with fixed shapes)")
-    parser.add_argument("--weights", required=True,
-                        help="its weights: binary .caffemodel or HDF5 (.h5); every layer with "
-                             "parameters needs them")
+    add_weights(parser, extra=" of the net; every layer with parameters needs them")
     parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset to target (default {DEFAULT_OPSET}, at least "
@@ -87,22 +83,16 @@ def main(argv=None):
                              "(default with no IMAGE: photos bundled with scikit-image); "
                              f"exit 1 if the relative difference exceeds {TOLERANCE:g}")
     args = parser.parse_args(argv)
-    try:
-        model = caffe_to_onnx(read_net_param(args.deploy), read_weights(args.weights),
-                              opset=args.opset)
-        onnx.checker.check_model(model)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(model, args.out)
-        shapes = {value.name: "x".join(str(dim.dim_value)
-                                       for dim in value.type.tensor_type.shape.dim)
-                  for value in [*model.graph.input, *model.graph.output]}
-        print(f"wrote {args.out} (opset {args.opset}, {len(model.graph.node)} nodes): "
-              + ", ".join(f"{name} {shape}" for name, shape in shapes.items()))
-        passed = args.check is None or _check(args, model)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0 if passed else 1
+    model = caffe_to_onnx(read_net_param(args.deploy), read_weights(args.weights),
+                          opset=args.opset)
+    onnx.checker.check_model(model)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, args.out)
+    shapes = {value.name: "x".join(str(dim.dim_value) for dim in value.type.tensor_type.shape.dim)
+              for value in [*model.graph.input, *model.graph.output]}
+    print(f"wrote {args.out} (opset {args.opset}, {len(model.graph.node)} nodes): "
+          + ", ".join(f"{name} {shape}" for name, shape in shapes.items()))
+    return 0 if args.check is None or _check(args, model) else FAILED
 
 
 if __name__ == "__main__":

@@ -15,38 +15,32 @@ Example (BVLC CaffeNet -> groupless CaffeNet):
       --weights bvlc_reference_caffenet.caffemodel \\
       --out-prototxt groupless.prototxt --out-weights groupless.caffemodel
 """
-import argparse
 import sys
 from pathlib import Path
 
-from ctxpred.cli import run_tool
+from ctxpred.cli import add_weights, run_tool, tool_parser
 from ctxpred.weights.surgery import compare_shapes, groupless_net, groupless_weights
 from ctxpred.caffe.netparam import net_param_shapes, read_net_param
 from ctxpred.weights.files import read_weights, write_weights
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--prototxt", required=True, help="net definition with grouped "
                                                           "convolutions")
-    parser.add_argument("--weights", required=True, help="its caffemodel (binary or HDF5)")
+    add_weights(parser, extra=" of that net")
     parser.add_argument("--out-prototxt", required=True,
                         help="where to write the definition without groups")
     parser.add_argument("--out-weights", required=True,
                         help="where to write the converted caffemodel; HDF5 if it ends in .h5")
     args = parser.parse_args(argv)
-    try:
-        net_param = read_net_param(args.prototxt)
-        weights = read_weights(args.weights)
-        report = compare_shapes(net_param_shapes(net_param, args.prototxt), weights)
-        if report.different:
-            raise ValueError(f"{args.weights} does not fit {args.prototxt}: "
-                             + "; ".join(report.lines()))
-        converted = groupless_weights(weights, net_param)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    net_param = read_net_param(args.prototxt)
+    weights = read_weights(args.weights)
+    report = compare_shapes(net_param_shapes(net_param, args.prototxt), weights)
+    if report.different:
+        raise ValueError(f"{args.weights} does not fit {args.prototxt}: "
+                         + "; ".join(report.lines()))
+    converted = groupless_weights(weights, net_param)
     out_prototxt = Path(args.out_prototxt)
     out_prototxt.parent.mkdir(parents=True, exist_ok=True)
     out_prototxt.write_text(str(groupless_net(net_param)), encoding="utf-8")

@@ -11,10 +11,9 @@ Examples:
   python tools/inspect_caffemodel.py no_fc6.caffemodel \\
       --prototxt prototxt/groupless_caffenet.prototxt
 """
-import argparse
 import sys
 
-from ctxpred.cli import run_tool
+from ctxpred.cli import run_tool, tool_parser
 from ctxpred.weights.surgery import compare_shapes
 from ctxpred.caffe.netparam import net_param_shapes, read_net_param
 from ctxpred.weights.files import read_weights
@@ -36,20 +35,14 @@ def layer_table(weights):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("weights", help="caffemodel to inspect (binary or HDF5)")
     parser.add_argument("--prototxt", help="net definition to check the weights against; "
                                            "Caffe builds it in the TEST phase")
     args = parser.parse_args(argv)
-    try:
-        net_param = read_net_param(args.prototxt) if args.prototxt else None
-        weights = read_weights(args.weights)
-        net_shapes = (net_param_shapes(net_param, args.prototxt) if net_param is not None
-                      else None)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    net_param = read_net_param(args.prototxt) if args.prototxt else None
+    weights = read_weights(args.weights)
+    net_shapes = net_param_shapes(net_param, args.prototxt) if net_param is not None else None
     print(f"{args.weights}:")
     print(layer_table(weights))
     if net_shapes is None:

@@ -17,18 +17,16 @@ Examples:
   python tools/make_no_fc6.py model.caffemodel.h5 no_fc6.caffemodel \\
       --prototxt prototxt/color_dropping/train.prototxt
 """
-import argparse
 import sys
 
-from ctxpred.cli import run_tool
+from ctxpred.cli import run_tool, tool_parser
 from ctxpred.weights.surgery import drop_layers_from
 from ctxpred.caffe.netparam import read_net_param
 from ctxpred.weights.files import is_hdf5, read_weights, write_weights
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("weights", help="input caffemodel (binary, or HDF5 with --prototxt)")
     parser.add_argument("out", help="output caffemodel; HDF5 if it ends in .h5")
     parser.add_argument("--first", default="fc6",
@@ -36,16 +34,12 @@ def main(argv=None):
     parser.add_argument("--prototxt", help="net definition whose layer order says which layers "
                                            "come after --first (default: the file's order)")
     args = parser.parse_args(argv)
-    try:
-        net_param = read_net_param(args.prototxt) if args.prototxt else None
-        weights = read_weights(args.weights)
-        if net_param is None and is_hdf5(args.weights):
-            raise ValueError(f"{args.weights} is HDF5, which does not keep the layer order: "
-                             "pass the net definition with --prototxt")
-        kept = drop_layers_from(weights, args.first, net_param)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    net_param = read_net_param(args.prototxt) if args.prototxt else None
+    weights = read_weights(args.weights)
+    if net_param is None and is_hdf5(args.weights):
+        raise ValueError(f"{args.weights} is HDF5, which does not keep the layer order: "
+                         "pass the net definition with --prototxt")
+    kept = drop_layers_from(weights, args.first, net_param)
     write_weights(kept, args.out)
     print(f"dropped: {', '.join(name for name in weights if name not in kept)}")
     print(f"kept: {', '.join(kept)}")

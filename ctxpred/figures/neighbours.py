@@ -27,8 +27,6 @@ from ctxpred.features.patches import sampled_patches
 from ctxpred.features.search import EXACT_THRESHOLD, NeighbourIndex
 from ctxpred.features.streaming import stream_features
 from ctxpred.features.writers import open_feature_writer
-from ctxpred.features.streaming import stream_features
-from ctxpred.features.writers import open_feature_writer
 from ctxpred.figures import pages
 from ctxpred.figures.crops import crop_boxes
 from ctxpred.models.context import snapshot_param
