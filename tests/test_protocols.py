@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.exceptions import ConvergenceWarning
 
 from ctxpred.evaluation.protocols import (Bootstrap, ProtocolError, knn_top1, knn_votes,
                                           linear_probe, low_shot_svm, score_difference, voc07_svm)
@@ -223,3 +224,12 @@ def test_report_writes_json_markdown_and_png(tmp_path):
         "report.json", "report.md", "report.png"]  # no temporary file left
     with pytest.raises(ValueError, match="baseline net 'other'"):
         write_report(results, tmp_path / "bad", baseline="other")
+
+
+def test_unconverged_fits_warn_once_with_their_count():
+    rng = np.random.default_rng(8)
+    features, labels = rng.normal(size=(60, 12)), (rng.random((60, 3)) < 0.4).astype(np.int8)
+    with pytest.warns(ConvergenceWarning) as caught:  # random labels at a huge cost
+        voc07_svm(features, labels, features, labels, costs=(1000.0,), bootstrap=FAST)
+    assert [str(warning.message) for warning in caught] == [
+        "voc07_svm: 3 fit(s) stopped at the iteration limit before converging"]

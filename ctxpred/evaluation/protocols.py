@@ -46,13 +46,18 @@ two nets scored on the same test rows (the same resamples for both).
 Bad input (NaN features, mismatched rows, a class without a positive, a
 low-shot k above a class's positives, a k above the training rows) raises
 :class:`ProtocolError`, one line naming the class or value, before any fit.
+Fits that stop at their iteration limit (LinearSVC's 2000 at high costs, as
+in the reference) are kept; each protocol call warns once with their count.
 Results are reproducible bit for bit on one machine for a fixed seed.
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
@@ -154,6 +159,26 @@ def score_difference(first: Score, second: Score, bootstrap=Bootstrap()) -> Inte
                             f"{second.rows} rows, or different labels or kinds of score)")
     return difference_interval(first.statistic, second.statistic, first.rows,
                                bootstrap.resamples, bootstrap.seed, bootstrap.confidence)
+
+
+@contextmanager
+def convergence_summary(protocol):
+    """Gather the fits' ConvergenceWarnings (one per SVM or probe fit that stopped at its
+    iteration limit, as the reference's do at high costs) into one warning for ``protocol``;
+    other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        yield
+    unconverged = 0
+    for warning in caught:
+        if issubclass(warning.category, ConvergenceWarning):
+            unconverged += 1
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno)
+    if unconverged:
+        warnings.warn(f"{protocol}: {unconverged} fit(s) stopped at the iteration limit before "
+                      "converging", ConvergenceWarning, stacklevel=3)
 
 
 # ---- input checks ------------------------------------------------------------------------
@@ -277,8 +302,9 @@ def voc07_svm(train_x, train_y, test_x, test_y, costs=SVM_COSTS, folds=3, seed=0
             raise ProtocolError(f"class {class_name(classes, index)} has {positives} positive "
                                 f"training rows; {folds}-fold cross-validation needs {folds}")
     train_x, test_x = normalised(train_x), normalised(test_x)
-    fits = [fit_class_svm(train_x, train_y[:, index], costs, folds, seed)
-            for index in range(train_y.shape[1])]
+    with convergence_summary("voc07_svm"):
+        fits = [fit_class_svm(train_x, train_y[:, index], costs, folds, seed)
+                for index in range(train_y.shape[1])]
     decisions = np.column_stack([svm.decision_function(test_x) for svm, _, _ in fits])
     aps = tuple(average_precision(test_y[test_y[:, index] != -1, index] == 1,
                                   decisions[test_y[:, index] != -1, index])
@@ -369,9 +395,10 @@ def low_shot_svm(train_x, train_y, test_x, test_y, shots=LOW_SHOT_SHOTS, samples
     train_x, test_x = normalised(train_x), normalised(test_x)
     points = []
     for k in shots:
-        draws = np.stack([low_shot_decisions(
-            train_x, test_x, low_shot_rows(train_y, k, np.random.default_rng([seed, draw, k])),
-            costs, seed) for draw in range(samples)])  # (samples, costs, N, C)
+        with convergence_summary(f"low_shot_svm k={k}"):
+            draws = np.stack([low_shot_decisions(
+                train_x, test_x, low_shot_rows(train_y, k, np.random.default_rng([seed, draw, k])),
+                costs, seed) for draw in range(samples)])  # (samples, costs, N, C)
         maps = np.array([[mean_average_precision(test_y, draws[draw, slot])[0]
                           for slot in range(len(costs))] for draw in range(samples)])
         best = int(np.argmax(maps.mean(axis=0)))
@@ -465,14 +492,15 @@ def linear_probe(train_x, train_y, test_x, test_y, costs=PROBE_COSTS, folds=3, s
     train_y, test_y, _ = checked_single_labels(train_y, test_y, len(train_x), len(test_x))
     costs = tuple(sorted(float(cost) for cost in costs))
     cross_validation = (float("nan"),)
-    if len(costs) > 1:
-        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(train_x,
-                                                                                    train_y))
-        cross_validation = tuple(float(np.mean([
-            np.mean(probe_model(cost, max_iter).fit(train_x[fit], train_y[fit])
-                    .predict(train_x[held]) == train_y[held]) for fit, held in splits]))
-            for cost in costs)
-    cost = costs[int(np.argmax(cross_validation))] if len(costs) > 1 else costs[0]
-    model = probe_model(cost, max_iter).fit(train_x, train_y)
+    with convergence_summary("linear_probe"):
+        if len(costs) > 1:
+            splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed)
+                          .split(train_x, train_y))
+            cross_validation = tuple(float(np.mean([
+                np.mean(probe_model(cost, max_iter).fit(train_x[fit], train_y[fit])
+                        .predict(train_x[held]) == train_y[held]) for fit, held in splits]))
+                for cost in costs)
+        cost = costs[int(np.argmax(cross_validation))] if len(costs) > 1 else costs[0]
+        model = probe_model(cost, max_iter).fit(train_x, train_y)
     return ProbeResult(cost, costs, cross_validation,
                        accuracy_score(model.predict(test_x) == test_y, bootstrap))

@@ -39,7 +39,8 @@ import numpy as np
 
 INTERPOLATIONS = ("envelope", "steps", "eleven_point")
 ELEVEN_RECALLS = np.arange(11) / 10  # exactly k / 10, as the devkit compares recall with them
-RESAMPLE_BLOCK = 200  # resamples drawn and scored at a time: memory is block x rows weights
+RESAMPLE_BLOCK = 200  # resamples drawn and scored at a time, at most
+RESAMPLE_CELLS = 2_000_000  # and at most this many block x rows weights (16 MB) at a time
 
 
 @dataclass(frozen=True)
@@ -148,11 +149,12 @@ def accuracy(correct, weights=None):
 def resample_weights(rows, resamples, seed, groups=None):
     """Bootstrap resamples of ``rows`` rows in blocks: yields (b, rows) float64 counts.
 
-    Each resample draws as many rows as there are, with replacement (a
-    multinomial count per row), from ``np.random.default_rng(seed)``. With
-    ``groups`` ((rows,) labels), the groups are drawn instead and each row
-    gets the count of its group. The blocks are the same for a given seed,
-    so every statistic scored on them sees the same resamples.
+    Each resample draws as many rows as there are, uniformly with
+    replacement, from ``np.random.default_rng(seed)``, and counts how often
+    each was drawn. With ``groups`` ((rows,) labels), the groups are drawn
+    instead and each row gets the count of its group. The blocks depend only
+    on the seed and the counts, so every statistic scored on them sees the
+    same resamples.
     """
     if resamples < 1 or rows < 1:
         raise ValueError(f"need at least one row and one resample, got {rows} and {resamples}")
@@ -164,10 +166,12 @@ def resample_weights(rows, resamples, seed, groups=None):
             raise ValueError(f"groups {np.shape(groups)} must give one label per row ({rows})")
     count = int(index.max()) + 1
     rng = np.random.default_rng(seed)
-    for start in range(0, resamples, RESAMPLE_BLOCK):
-        block = min(RESAMPLE_BLOCK, resamples - start)
-        draws = rng.multinomial(count, np.full(count, 1 / count), size=block)
-        yield draws[:, index].astype(np.float64)
+    size = max(1, min(RESAMPLE_BLOCK, RESAMPLE_CELLS // rows))
+    for start in range(0, resamples, size):
+        block = min(size, resamples - start)
+        draws = rng.integers(0, count, size=(block, count)) + count * np.arange(block)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=block * count).reshape(block, count)
+        yield counts[:, index].astype(np.float64)
 
 
 def bootstrap_interval(statistic, rows, resamples=1000, seed=0, confidence=0.95,
