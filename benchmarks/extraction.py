@@ -14,7 +14,9 @@ printed and the median is the result:
     fc6, as tools/extract_features.py, max_activations and mine run it,
     batches assembled by ``patch_batches``). Goal: >= 0.9.
     The end-to-end rate of :func:`extract_layer_features` (decoding and
-    resizing the images, writing HDF5) is printed too.
+    resizing the images, writing HDF5) is printed too, and the rate of
+    max_activations' inner loop (the shared path plus its per-unit maxima
+    and top 9 of six layers) against the same bare forward.
 (b) onnxruntime / Caffe, images/s of the whole-image feature net, both on
     the CPU, same batch (OnnxForward with every core, graph optimisation
     level "all"). Goal: >= 2.
@@ -40,10 +42,10 @@ LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6")
 
 
 def rate(run, items):
-    """Items per second of ``run()``, which processes ``items`` items."""
-    start = time.perf_counter()
+    """(items per wall-clock second, items per CPU second of this process) of ``run()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     run()
-    return items / (time.perf_counter() - start)
+    return items / (time.perf_counter() - wall), items / (time.process_time() - cpu)
 
 
 def bare_loop(net, batch, batches):
@@ -66,22 +68,44 @@ def shared_loop(forward, pixels, batch):
     return lambda: forward_all(forward, pixels, batch)
 
 
+def max_activations_loop(net, layers, pixels, batch):
+    """``run()`` of tools/max_activations.py's inner loop: the shared path, then per layer the
+    maximum over positions of every unit and the streaming top 9."""
+    from ctxpred.features.forward import CaffeForward
+    from ctxpred.figures.activations import StreamingTopK, unit_activations
+
+    forward = CaffeForward(net, layers)
+
+    def run():
+        tops = {layer: StreamingTopK(net.blobs[layer].data.shape[1]) for layer in layers}
+        for start in range(0, len(pixels), batch):
+            blobs = forward(pixels[start:start + batch])
+            ids = np.arange(start, start + len(pixels[start:start + batch]))
+            for layer, top in tops.items():
+                top.update(*unit_activations(blobs[layer])[:1], ids)
+    return run
+
+
 def interleaved(name, runs, items, rounds):
-    """Run the two (label, run) pairs alternately; print rates per round and the median ratio."""
+    """Run the two (label, run) pairs alternately; print rates per round and the median ratios
+    (wall clock, and CPU time of this process: less sensitive to other jobs)."""
     (label_a, run_a), (label_b, run_b) = runs
-    ratios = []
+    walls, cpus = [], []
     for number in range(rounds):
-        a, b = rate(run_a, items), rate(run_b, items)
-        ratios.append(a / b)
-        print(f"  round {number + 1}: {label_a} {a:7.1f}/s  {label_b} {b:7.1f}/s  ratio {a / b:.3f}  "
-              f"(load {os.getloadavg()[0]:.2f})", flush=True)
-    median = statistics.median(ratios)
-    print(f"{name}: median ratio {median:.3f} over {rounds} rounds", flush=True)
-    return median
+        (a, a_cpu), (b, b_cpu) = rate(run_a, items), rate(run_b, items)
+        walls.append(a / b)
+        cpus.append(a_cpu / b_cpu)
+        print(f"  round {number + 1}: {label_a} {a:7.1f}/s  {label_b} {b:7.1f}/s  ratio "
+              f"{a / b:.3f} (per CPU second {a_cpu / b_cpu:.3f}; load "
+              f"{os.getloadavg()[0]:.2f})", flush=True)
+    wall, cpu = statistics.median(walls), statistics.median(cpus)
+    print(f"{name}: median ratio {wall:.3f} (per CPU second {cpu:.3f}) over {rounds} rounds",
+          flush=True)
+    return wall
 
 
 def whole_image_nets(weights, args):
-    """(LayerFeatureNet, decoded images (N, S, S, 3) uint8) of the benchmark's images."""
+    """(LayerFeatureNet, decoded images (N, S, S, 3) uint8, their paths)."""
     from ctxpred.features.layers import LayerFeatureNet, load_whole_images
 
     paths = sorted(str(path) for path in Path(args.photos).iterdir())[:args.images]
@@ -98,8 +122,60 @@ def patch_pixels(args):
 
     count = args.images * 4
     items = sampled_patches(open_source(args.photos), "random", 16, seed=0)
-    batches = patch_batches(items, count, 96, stop=count)
-    return next(batches).pixels.copy()
+    return next(patch_batches(items, count, 96, stop=count)).pixels.copy()
+
+
+def whole_image_ratios(weights, args, folder):
+    """(a) and (b) on whole images, then the end-to-end rates; returns (a, b)."""
+    from ctxpred.features.forward import CaffeForward, OnnxForward, check_parity
+    from ctxpred.features.layers import extract_layer_features
+
+    net, pixels, paths = whole_image_nets(weights, args)
+    outputs = list(net.outputs.values())
+    caffe_forward = CaffeForward(net.net, outputs)
+    batches = -(-len(pixels) // args.batch)
+    print(f"\n(a) whole images {args.input_size}x{args.input_size}, batch {args.batch}, "
+          f"{len(pixels)} images, outputs {', '.join(outputs)}")
+    shared = interleaved("shared path / bare forward (whole images)",
+                         [("shared", shared_loop(caffe_forward, pixels, args.batch)),
+                          ("bare", bare_loop(net.net, args.batch, batches))],
+                         batches * args.batch, args.rounds)
+    onnx_forward = OnnxForward(net.param, net.weights(), outputs, threads=args.threads)
+    parity = check_parity(caffe_forward, onnx_forward, pixels[:args.batch])
+    print(f"\n(b) onnxruntime vs Caffe, whole images, batch {args.batch} "
+          f"(first-batch parity: max relative difference {parity:.2g})")
+    onnx = interleaved("onnxruntime / Caffe",
+                       [("onnx", shared_loop(onnx_forward, pixels, args.batch)),
+                        ("caffe", shared_loop(caffe_forward, pixels, args.batch))],
+                       len(pixels), args.rounds)
+    for backend in ("caffe", "onnx"):
+        images_per_second, _ = rate(lambda: extract_layer_features(
+            str(DEPLOY), weights, paths, list(LAYERS), Path(folder, backend), args.input_size,
+            args.batch, backend, threads=args.threads), len(paths))
+        print(f"end to end, {backend}: {images_per_second:.1f} images/s (decode, resize, "
+              "extract, write HDF5; net set-up and parity check included)")
+    return shared, onnx
+
+
+def patch_ratios(weights, args):
+    """(a) on 96x96 patches, and the max_activations loop against the bare forward."""
+    from ctxpred.features.extractor import FeatureExtractor
+
+    extractor = FeatureExtractor(str(DEPLOY), weights, "fc6", args.patch_batch)
+    patches = patch_pixels(args)
+    batches = -(-len(patches) // args.patch_batch)
+    print(f"\n(a) 96x96 patches to fc6, batch {args.patch_batch}, {len(patches)} patches")
+    bare = bare_loop(extractor.net, args.patch_batch, batches)
+    shared = interleaved("shared path / bare forward (patches)",
+                         [("shared", shared_loop(extractor.forward, patches, args.patch_batch)),
+                          ("bare", bare)], batches * args.patch_batch, args.rounds)
+    layers = ["norm1", "norm2", "conv3", "conv4", "conv5", "fc6"]
+    print(f"\nmax_activations' loop ({', '.join(layers)}: every unit's maximum and top 9)")
+    interleaved("max_activations loop / bare forward",
+                [("loop", max_activations_loop(extractor.net, layers, patches,
+                                               args.patch_batch)),
+                 ("bare", bare)], batches * args.patch_batch, args.rounds)
+    return shared
 
 
 def main(argv=None):
@@ -118,51 +194,14 @@ def main(argv=None):
     from ctxpred.caffe.env import load_caffe
 
     caffe = load_caffe(gpu=None)
-    from ctxpred.features.extractor import FeatureExtractor
-    from ctxpred.features.forward import CaffeForward, OnnxForward, check_parity
-    from ctxpred.features.layers import extract_layer_features
-
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start")
     with tempfile.TemporaryDirectory() as folder:
         weights = os.path.join(folder, "random.caffemodel")
         caffe.Net(str(DEPLOY), caffe.TEST).save(weights)
-        net, pixels, paths = whole_image_nets(weights, args)
-        outputs = list(net.outputs.values())
-        caffe_forward = CaffeForward(net.net, outputs)
-        batches = -(-len(pixels) // args.batch)
-        print(f"\n(a) whole images {args.input_size}x{args.input_size}, batch {args.batch}, "
-              f"{len(pixels)} images, outputs {', '.join(outputs)}")
-        whole = interleaved("shared path / bare forward (whole images)",
-                            [("shared", shared_loop(caffe_forward, pixels, args.batch)),
-                             ("bare", bare_loop(net.net, args.batch, batches))],
-                            batches * args.batch, args.rounds)
-        extractor = FeatureExtractor(str(DEPLOY), weights, "fc6", args.patch_batch)
-        patches = patch_pixels(args)
-        patch_batches_count = -(-len(patches) // args.patch_batch)
-        print(f"\n(a) 96x96 patches to fc6, batch {args.patch_batch}, {len(patches)} patches")
-        patched = interleaved("shared path / bare forward (patches)",
-                              [("shared", shared_loop(extractor.forward, patches,
-                                                      args.patch_batch)),
-                               ("bare", bare_loop(extractor.net, args.patch_batch,
-                                                  patch_batches_count))],
-                              patch_batches_count * args.patch_batch, args.rounds)
-        onnx_forward = OnnxForward(net.param, net.weights(), outputs, threads=args.threads)
-        parity = check_parity(caffe_forward, onnx_forward, pixels[:args.batch])
-        print(f"\n(b) onnxruntime vs Caffe, whole images, batch {args.batch} "
-              f"(first-batch parity: max relative difference {parity:.2g})")
-        onnx_ratio = interleaved("onnxruntime / Caffe",
-                                 [("onnx", shared_loop(onnx_forward, pixels, args.batch)),
-                                  ("caffe", shared_loop(caffe_forward, pixels, args.batch))],
-                                 len(pixels), args.rounds)
-        end_to_end = {}
-        for backend in ("caffe", "onnx"):
-            end_to_end[backend] = rate(lambda: extract_layer_features(
-                str(DEPLOY), weights, paths, list(LAYERS), Path(folder, backend),
-                args.input_size, args.batch, backend, threads=args.threads), len(paths))
-    print(f"\nend to end (decode, resize, extract, write HDF5; set-up included): "
-          f"caffe {end_to_end['caffe']:.1f} images/s, onnx {end_to_end['onnx']:.1f} images/s")
+        whole, onnx = whole_image_ratios(weights, args, folder)
+        patched = patch_ratios(weights, args)
     print(f"\nsummary: shared/bare {whole:.3f} (whole images), {patched:.3f} (patches), "
-          f"goal >= 0.9; onnxruntime/Caffe {onnx_ratio:.2f}, goal >= 2")
+          f"goal >= 0.9; onnxruntime/Caffe {onnx:.2f}, goal >= 2")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -1,5 +1,4 @@
 """Feature extraction: input convention, streaming to HDF5 / .npy, weight checks, dense maps."""
-import importlib.util
 import subprocess
 import sys
 import tracemalloc
@@ -16,7 +15,7 @@ from ctxpred.features.dense import dense_features, DenseFeatureNet
 from ctxpred.features.extractor import FeatureExtractor
 from ctxpred.features.nets import read_deploy_param, WeightMismatchError
 from ctxpred.features.patches import listed_patches, read_patch_list, sampled_patches
-from ctxpred.features.streaming import stream_features
+from ctxpred.features.streaming import ExtractionSummary, patch_batches, stream_features
 from ctxpred.features.writers import open_feature_writer
 from ctxpred.data.images import open_source
 from ctxpred.models.context import MEAN_RGB, NET_NAMES
@@ -45,11 +44,10 @@ def extractor(weights):
     return FeatureExtractor(DEPLOY, weights, batch=4)
 
 
-def tool_main():
-    spec = importlib.util.spec_from_file_location("extract_features", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+def run_tool(*argv):
+    """tools/extract_features.py run as a command: the CompletedProcess."""
+    return subprocess.run([sys.executable, str(TOOL), *map(str, argv)], capture_output=True,
+                          text=True, cwd=REPO)
 
 
 def assert_close(actual, expected):
@@ -94,10 +92,10 @@ def test_released_convention_equals_training_input_and_is_scale_invariant(caffe,
 
 
 def test_hdf5_rows_paths_and_boxes(caffe, weights, extractor, photo_folder, tmp_path):
-    main = tool_main()
     out = tmp_path / "f.h5"
-    main(["--weights", weights, "--images", str(photo_folder), "--out", str(out),
-          "--patches-per-image", "3", "--batch", "4", "--seed", "5"])
+    result = run_tool("--weights", weights, "--images", photo_folder, "--out", out,
+                      "--patches-per-image", "3", "--batch", "4", "--seed", "5")
+    assert result.returncode == 0, result.stderr
     source = open_source(str(photo_folder))
     with h5py.File(out, "r") as file:
         features, boxes = file["features"][:], file["box"][:]
@@ -186,9 +184,7 @@ def test_mismatched_weights_are_reported_layer_by_layer(weights, tmp_path, photo
             in message)
     assert "fc6: the deploy net has (4096, 2304) + (4096,), the weights (4096, 9216)" in message
     # In a process of its own: Caffe must never get to abort on the shapes.
-    result = subprocess.run([sys.executable, str(TOOL), "--weights", str(bad), "--images",
-                             str(photo_folder), "--out", str(tmp_path / "f.h5")],
-                            capture_output=True, text=True, cwd=REPO)
+    result = run_tool("--weights", bad, "--images", photo_folder, "--out", tmp_path / "f.h5")
     assert result.returncode == 2, result.stderr
     assert "conv1: the deploy net has" in result.stderr and "fc6:" in result.stderr
     assert not (tmp_path / "f.h5").exists()
@@ -207,26 +203,25 @@ def test_weights_without_fc6_give_pool5_only(weights, tmp_path):
     assert pool5.extract(astronaut_patches(1)).shape == (1, 2304)
 
 
-def test_missing_files_and_help(weights, tmp_path, capsys):
-    main = tool_main()
+def test_missing_files_and_help(weights, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.caffemodel"):
         FeatureExtractor(DEPLOY, str(tmp_path / "missing.caffemodel"))
     with pytest.raises(FileNotFoundError, match="nowhere.prototxt"):
         FeatureExtractor(str(tmp_path / "nowhere.prototxt"), weights)
     cases = [(["--weights", str(tmp_path / "w.caffemodel"), "--images", ".", "--out", "f.h5"],
-              "--weights file"),
+              "w.caffemodel does not exist"),
              (["--weights", weights, "--patches", "rows.csv", "--out", "f.h5"],
               "--patches is neither"),
              (["--weights", weights, "--out", "f.h5"], "--images is required"),
              (["--weights", weights, "--images", ".", "--out", "f.txt"], "--out must end")]
     for argv, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    assert main(["--weights", weights, "--images", str(tmp_path / "none"), "--out",
-                 str(tmp_path / "f.h5")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    result = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True)
+        result = run_tool(*argv)
+        assert result.returncode == 2 and message in result.stderr
+    result = run_tool("--weights", weights, "--images", tmp_path / "none", "--out",
+                      tmp_path / "f.h5")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert not (tmp_path / "f.h5").exists()
+    result = run_tool("--help")
     assert result.returncode == 0
     for flag in ("--weights", "--net", "--deploy", "--layer", "--images", "--out", "--patches",
                  "--patches-per-image", "--max-pixels", "--batch", "--seed", "--gpu"):
@@ -319,3 +314,20 @@ def test_snapshot_batchnorm_is_folded_into_the_deploy_net(caffe, tmp_path, rng):
     ignored = FeatureExtractor(deploy, snapshot)
     assert {"bn3", "bn6"} <= set(ignored.ignored_layers)
     assert not np.allclose(ignored.extract(patches), reference, atol=1e-2)
+
+
+def test_patch_batches_regroup_the_stream_with_skip_and_stop(photo_folder):
+    """Batches hold the stream's patches in order, numbered from 0 over the whole stream."""
+    source = open_source(str(photo_folder))
+    items = list(sampled_patches(source, "random", per_image=5, seed=3))
+    flat = np.concatenate([item.patches for item in items])
+    names = [item.name for item in items for _ in item.patches]
+    summary = ExtractionSummary()
+    batches = list(patch_batches(iter(items), 4, 96, summary, skip=3, stop=17))
+    assert [batch.first for batch in batches] == [3, 7, 11, 15]
+    assert [len(batch.pixels) for batch in batches] == [4, 4, 4, 2]
+    got = np.concatenate([batch.pixels.copy() for batch in patch_batches(items, 4, 96, skip=3,
+                                                                         stop=17)])
+    np.testing.assert_array_equal(got, flat[3:17])
+    assert [name for batch in batches for name in batch.names] == names[3:17]
+    assert summary.images == 4  # the 4th image holds patches 15..19: reached, then stopped

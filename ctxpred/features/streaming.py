@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ctxpred.data.images import open_source
 from ctxpred.features.extractor import FeatureExtractor
-from ctxpred.features.patches import ImagePatches
-from ctxpred.features.writers import FeatureFile
+from ctxpred.features.patches import (PATCH_MODES, ImagePatches, listed_patches, read_patch_list,
+                                      sampled_patches)
+from ctxpred.features.writers import FeatureFile, open_feature_writer
 
 
 @dataclass
@@ -106,4 +108,35 @@ def stream_features(extractor: FeatureExtractor, items: Iterable[ImagePatches],
         writer.append(features.reshape(len(batch.pixels), -1).copy(), batch.names, batch.boxes,
                       batch.scales)
         summary.rows += len(batch.pixels)
+    return summary
+
+
+def patch_items(patches, images=None, per_image=16, seed=0, max_pixels=None):
+    """(ImagePatches iterator, number of images) for a patch spec, as tools/extract_features.py takes it.
+
+    patches: "random" (``per_image`` per image, fixed by ``seed``), "grid"
+    (the non-overlapping grid) or the path of a patch list (rows ``image x
+    y``; ``images``: the folder its relative paths start from). images:
+    an image source spec (:func:`ctxpred.data.images.open_source`).
+    """
+    if patches in PATCH_MODES:
+        source = open_source(images)
+        return sampled_patches(source, patches, per_image, seed, max_pixels), len(source)
+    runs = read_patch_list(patches, images)
+    return listed_patches(runs), len(runs)
+
+
+def write_patch_features(extractor: FeatureExtractor, items, out, attrs=None,
+                         progress=None) -> ExtractionSummary:
+    """Stream the features of ``items`` into ``out`` (.h5/.hdf5 with attributes, or .npy).
+
+    progress: None or a wrapper of the items (e.g. a tqdm). Raises
+    ValueError, leaving no file, when no image gave a patch.
+    """
+    with open_feature_writer(out, extractor.dim, attrs) as writer:
+        summary = stream_features(extractor, items if progress is None else progress(items),
+                                  writer)
+        if summary.rows == 0:
+            raise ValueError(f"no patch could be cut from the images ({len(summary.skipped)} "
+                             "skipped)")
     return summary
