@@ -27,11 +27,16 @@ ones (``shared/reference/evaluation.md``).
   draws' test mAP at that cost.
 - :func:`knn_top1` (single label): cosine similarity of L2-normalised rows
   (exact search, :class:`ctxpred.features.search.NeighbourIndex`: memory
-  bounded by blocks), the k most similar training rows vote with weight
-  exp(similarity / T); top-1 per k. Neighbours are ordered by similarity,
-  then lower training index; a tie of votes goes to the class that sorts
-  first. A k above the number of training rows is an error (clamping would
-  report a different protocol under the same name).
+  bounded by blocks; float32 similarities), the k most similar training
+  rows vote with weight exp(similarity / T); top-1 per k. Neighbours are
+  ordered by similarity, then lower training index (which of several rows
+  tied at the k-th place is kept is fixed for given inputs, not chosen by
+  index); a tie of votes goes to the class that sorts first. A k above the
+  number of training rows is an error (clamping would report a different
+  protocol under the same name).
+- SVM fits run one after another: scikit-learn's liblinear seeds one
+  process-wide random generator, so fits in threads would not be
+  reproducible.
 - :func:`linear_probe` (single label): features standardised with training
   statistics, multinomial ``LogisticRegression`` (lbfgs); C by
   ``folds``-fold stratified cross-validation accuracy on the training rows
