@@ -160,6 +160,17 @@ def test_bad_input_names_the_class_or_value():
         voc07_svm(train_x, train_y[:-1], test_x, test_y)
     with pytest.raises(ProtocolError, match="class 'zebra' of test_y has no training row"):
         knn_top1(train_x, ["cat"] * 30, test_x, ["cat"] * 19 + ["zebra"])
+    with pytest.raises(ProtocolError, match=r"train_y has one class \('cat'\)"):
+        linear_probe(train_x, ["cat"] * 30, test_x, ["cat"] * 20)
+    everywhere = train_y.copy()
+    everywhere[:, 1] = 1
+    with pytest.raises(ProtocolError, match="class 1 has no negative row in train_y"):
+        low_shot_svm(train_x, everywhere, test_x, test_y, shots=(1,))
+    few = train_y.copy()
+    few[:, 0] = 0
+    few[:2, 0] = 1
+    with pytest.raises(ProtocolError, match="class 0 has 2 positive training rows; 3-fold"):
+        voc07_svm(train_x, few, test_x, test_y, costs=(0.1, 1.0))
 
 
 def test_reproducible_bit_for_bit():

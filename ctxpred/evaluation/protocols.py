@@ -302,10 +302,7 @@ def voc07_svm(train_x, train_y, test_x, test_y, costs=SVM_COSTS, folds=3, seed=0
         raise ProtocolError(f"train_y has {train_y.shape[1]} classes, test_y {test_y.shape[1]}")
     costs = tuple(sorted(float(cost) for cost in costs))
     names = tuple(classes) if classes is not None else tuple(range(train_y.shape[1]))
-    for index, positives in enumerate((train_y == 1).sum(axis=0)):
-        if len(costs) > 1 and positives < folds:
-            raise ProtocolError(f"class {class_name(classes, index)} has {positives} positive "
-                                f"training rows; {folds}-fold cross-validation needs {folds}")
+    check_svm_training(train_y, classes, folds if len(costs) > 1 else 1)
     train_x, test_x = normalised(train_x), normalised(test_x)
     with convergence_summary("voc07_svm"):
         fits = [fit_class_svm(train_x, train_y[:, index], costs, folds, seed)
@@ -316,6 +313,19 @@ def voc07_svm(train_x, train_y, test_x, test_y, costs=SVM_COSTS, folds=3, seed=0
                 for index in range(len(names)))
     return SvmResult(names, aps, tuple(cost for _, cost, _ in fits), costs,
                      tuple(cv for _, _, cv in fits), map_score(test_y, decisions[None], bootstrap))
+
+
+def check_svm_training(train_y, classes, folds):
+    """ProtocolError for a class with no negative training row, or fewer positive ones than
+    the cross-validation ``folds`` (1: no cross-validation)."""
+    for index, (positives, negatives) in enumerate(zip((train_y == 1).sum(axis=0),
+                                                       (train_y == 0).sum(axis=0))):
+        if negatives == 0:
+            raise ProtocolError(f"class {class_name(classes, index)} has no negative row in "
+                                "train_y")
+        if positives < folds:
+            raise ProtocolError(f"class {class_name(classes, index)} has {positives} positive "
+                                f"training rows; {folds}-fold cross-validation needs {folds}")
 
 
 def low_shot_rows(labels, k, rng):
@@ -394,6 +404,7 @@ def low_shot_svm(train_x, train_y, test_x, test_y, shots=LOW_SHOT_SHOTS, samples
     train_y = checked_multi_labels(train_y, len(train_x), "train_y", classes)
     test_y = checked_multi_labels(test_y, len(test_x), "test_y", classes)
     check_low_shot(train_y, shots, classes)
+    check_svm_training(train_y, classes, 1)
     if samples < 1:
         raise ProtocolError(f"samples must be at least 1, got {samples}")
     costs = tuple(sorted(float(cost) for cost in costs))
@@ -494,7 +505,11 @@ def linear_probe(train_x, train_y, test_x, test_y, costs=PROBE_COSTS, folds=3, s
                  max_iter=PROBE_MAX_ITER, bootstrap=Bootstrap()) -> ProbeResult:
     """Linear (logistic) probe top-1 (module doc) on (N, D) features and (N,) labels."""
     train_x, test_x = checked_features(train_x, test_x)
-    train_y, test_y, _ = checked_single_labels(train_y, test_y, len(train_x), len(test_x))
+    train_y, test_y, classes = checked_single_labels(train_y, test_y, len(train_x),
+                                                     len(test_x))
+    if len(classes) < 2:
+        raise ProtocolError(f"train_y has one class ({classes[0].item()!r}); a probe needs "
+                            "two or more")
     costs = tuple(sorted(float(cost) for cost in costs))
     cross_validation = (float("nan"),)
     with convergence_summary("linear_probe"):
