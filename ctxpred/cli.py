@@ -49,11 +49,17 @@ def exit_code(error):
 def run_tool(main, argv=None):
     """``main(argv)``'s exit code (None counts as 0); an OSError, ValueError or
     RuntimeError it raises becomes one line and :func:`exit_code`'s code,
-    KeyboardInterrupt 130. Warnings (a skipped image, ignored files) print as
-    one line each, ``warning: ...``."""
+    KeyboardInterrupt 130; a missing pycaffe (or a GPU asked of a CPU-only
+    build: :class:`ctxpred.caffe.env.CaffeNotAvailable`) is bad input, 2, so a
+    tool calls ``load_caffe(gpu=args.gpu)`` without catching it. Warnings (a
+    skipped image, ignored files) print as one line each, ``warning: ...``."""
+    from ctxpred.caffe.env import CaffeNotAvailable
+
     warnings.formatwarning = _one_line_warning
     try:
         return main(argv) or DONE
+    except CaffeNotAvailable as error:
+        return fail(error, BAD_INPUT)
     except (OSError, ValueError, RuntimeError) as error:
         return fail(error, exit_code(error))
     except KeyboardInterrupt:

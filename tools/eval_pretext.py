@@ -11,8 +11,8 @@ and written next to the weights as <weights stem>_pretext.json and
 """
 import sys
 
-from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
-from ctxpred.cli import (add_gpu, add_images, add_seed, add_weights, fail, positive_int, run_tool,
+from ctxpred.caffe.env import load_caffe
+from ctxpred.cli import (add_gpu, add_images, add_seed, add_weights, positive_int, run_tool,
                          tool_parser)
 from ctxpred.evaluation.pretext import evaluate_pretext, report_lines
 from ctxpred.models.context import NET_NAMES
@@ -40,10 +40,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        load_caffe(gpu=args.gpu)
-    except CaffeNotAvailable as error:
-        return fail(error)
+    load_caffe(gpu=args.gpu)
     report, json_path, png_path = evaluate_pretext(
         args.weights, args.net, args.images, args.images_count, args.pairs_per_image, args.seed,
         args.out)

@@ -24,9 +24,9 @@ Example:
 """
 import sys
 
-from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.caffe.env import load_caffe
 from ctxpred.cli import (add_gpu, add_images, add_net, add_seed, add_weights, deploy_prototxt,
-                         fail, positive_int, run_tool, tool_parser)
+                         positive_int, run_tool, tool_parser)
 from ctxpred.figures.max_activations import MaxActivationSettings, max_activations
 
 
@@ -66,10 +66,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        load_caffe(gpu=args.gpu)
-    except CaffeNotAvailable as error:
-        return fail(error)
+    load_caffe(gpu=args.gpu)
     settings = MaxActivationSettings(**{key: value for key, value in vars(args).items()
                                         if key != "gpu"})
     index, seen = max_activations(settings)

@@ -42,9 +42,9 @@ Example:
 import sys
 from pathlib import Path
 
-from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.caffe.env import load_caffe
 from ctxpred.cli import (add_gpu, add_images, add_net, add_seed, add_weights, deploy_prototxt,
-                         fail, positive_int, run_tool, tool_parser)
+                         positive_int, run_tool, tool_parser)
 from ctxpred.figures.mining import MATCH_RULES
 from ctxpred.figures.mining_run import MiningSettings, mine, summary_lines
 from ctxpred.models.context import PATCH
@@ -110,10 +110,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        load_caffe(gpu=args.gpu)
-    except CaffeNotAvailable as error:
-        return fail(error)
+    load_caffe(gpu=args.gpu)
     page, summary = mine(MiningSettings(**{key: value for key, value in vars(args).items()
                                            if key != "gpu"}))
     print("\n".join(summary_lines(page, summary)))

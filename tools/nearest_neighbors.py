@@ -30,8 +30,8 @@ Example:
 import sys
 from pathlib import Path
 
-from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
-from ctxpred.cli import (add_gpu, add_images, add_seed, add_weights, deploy_prototxt, fail,
+from ctxpred.caffe.env import load_caffe
+from ctxpred.cli import (add_gpu, add_images, add_seed, add_weights, deploy_prototxt,
                          positive_int, run_tool, tool_parser)
 from ctxpred.figures.neighbours import NeighbourFigureSettings, nearest_neighbour_figure
 from ctxpred.models.context import NET_NAMES, PATCH
@@ -99,10 +99,7 @@ def settings_of(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        load_caffe(gpu=args.gpu)
-    except CaffeNotAvailable as error:
-        return fail(error)
+    load_caffe(gpu=args.gpu)
     page, queries = nearest_neighbour_figure(settings_of(args))
     print(f"wrote {page} ({queries} queries, {args.k} neighbours, {len(args.weights)} nets)")
 

@@ -33,9 +33,9 @@ import json
 import sys
 from pathlib import Path
 
-from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
+from ctxpred.caffe.env import load_caffe
 from ctxpred.cli import (add_gpu, add_images, add_net, add_seed, add_weights, deploy_prototxt,
-                         existing_file, fail, positive_int, run_tool, tool_parser)
+                         existing_file, positive_int, run_tool, tool_parser)
 from ctxpred.evaluation.retrieval_proxy import ProxySettings, compare_nets, report_lines
 
 
@@ -85,10 +85,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        load_caffe(gpu=args.gpu)
-    except CaffeNotAvailable as error:
-        return fail(error)
+    load_caffe(gpu=args.gpu)
     results = compare_nets(ProxySettings(
         images=args.images, weights=tuple(args.weights), deploy=deploy_prototxt(args.net),
         labels=tuple(args.labels or (Path(path).stem for path in args.weights)),
