@@ -163,3 +163,24 @@ def test_the_parity_check_fires_when_onnx_weights_differ(weights):
         check_parity(caffe_forward, onnx_forward, pixels)
     same = OnnxForward(net.param, net.weights(), list(net.outputs.values()))
     assert check_parity(caffe_forward, same, pixels) <= 1e-4
+
+
+def test_a_users_caffenet_gives_fc6_and_fc7_at_its_own_size(caffe, tmp_path):
+    """The groupless CaffeNet (227 px input, BGR): fc maps are 1 x 1 (the InnerProduct itself),
+    conv1 and conv5 pool as VISSL's AlexNet (19/4 and 8/1 on 55 and 13 pixel maps)."""
+    deploy = str(REPO / "prototxt" / "groupless_caffenet.prototxt")
+    weights = tmp_path / "caffenet.caffemodel"
+    caffe.Net(deploy, caffe.TEST).save(str(weights))
+    paths = extract_layer_features(deploy, str(weights), IMAGES[:2], ["conv1", "conv5", "fc6",
+                                                                      "fc7"],
+                                   tmp_path / "out", input_size=227, batch=2, bgr=True)
+    geometry = {}
+    for layer, path in paths.items():
+        with h5py.File(path, "r") as file:
+            geometry[layer] = (tuple(file.attrs["map_shape"]), tuple(file.attrs["pool_kernel"]),
+                               tuple(file.attrs["pool_stride"]), file["features"].shape[1])
+            assert file.attrs["channel_order"] == "BGR"
+    assert geometry == {"conv1": ((96, 55, 55), (19, 19), (4, 4), 9600),
+                        "conv5": ((256, 13, 13), (8, 8), (1, 1), 9216),
+                        "fc6": ((4096, 1, 1), (1, 1), (1, 1), 4096),
+                        "fc7": ((4096, 1, 1), (1, 1), (1, 1), 4096)}
