@@ -55,8 +55,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ctxpred.detection.boxes import checked_boxes, checked_scores, iou_matrix
-
-ELEVEN_POINT_RECALLS = np.arange(11) / 10
+from ctxpred.evaluation.statistics import curve_average_precision
 
 
 class AnnotationError(ValueError):
@@ -333,14 +332,8 @@ def voc_ap(recall, precision, use_07_metric=False) -> float:
     if np.isnan(recall).any() or np.isnan(precision).any():
         raise ValueError("recall and precision must not contain NaN (a class with no "
                          "positives has no AP)")
-    if use_07_metric:
-        reached = recall[None, :] >= ELEVEN_POINT_RECALLS[:, None]
-        best = np.where(reached, precision[None, :], 0.0).max(axis=1, initial=0.0)
-        return float(best.sum() / len(ELEVEN_POINT_RECALLS))
-    recalls = np.concatenate(([0.0], recall, [1.0]))
-    envelope = np.maximum.accumulate(np.concatenate(([0.0], precision, [0.0]))[::-1])[::-1]
-    steps = np.flatnonzero(recalls[1:] != recalls[:-1]) + 1
-    return float(np.sum((recalls[steps] - recalls[steps - 1]) * envelope[steps]))
+    return float(curve_average_precision(recall, precision,
+                                         "eleven_point" if use_07_metric else "envelope"))
 
 
 @dataclass(frozen=True)
