@@ -121,6 +121,23 @@ def deploy_prototxt(net, deploy=None):
     return str(deploy or REPO / "prototxt" / net / "deploy.prototxt")
 
 
+def pixel_budget(text):
+    """argparse type of --max-pixels: 0 -> None (full size), else at least one 96x96 patch."""
+    value = int(text)
+    if value and value < 96 * 96:
+        raise argparse.ArgumentTypeError(f"{text} is less than one 96x96 patch (9216 pixels)")
+    return value or None
+
+
+def add_max_pixels(parser):
+    """--max-pixels: images are shrunk to at most that many pixels before patches are cut."""
+    from ctxpred.data.images import DEFAULT_MAX_PIXELS
+    parser.add_argument("--max-pixels", type=pixel_budget, default=DEFAULT_MAX_PIXELS,
+                        help="shrink images above this many pixels to it (aspect kept; JPEGs are "
+                             "decoded at a reduced scale, so memory stays bounded) before "
+                             "cutting patches (default: %(default)s; 0: full size)")
+
+
 def add_seed(parser, what="random choices"):
     parser.add_argument("--seed", type=int, default=0,
                         help=f"seed of the {what}; the same seed gives the same result "

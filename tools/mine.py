@@ -43,11 +43,10 @@ import sys
 from pathlib import Path
 
 from ctxpred.caffe.env import load_caffe
-from ctxpred.cli import (add_gpu, add_images, add_net, add_seed, add_weights, deploy_prototxt,
+from ctxpred.cli import (add_gpu, add_images, add_max_pixels, add_net, add_seed, add_weights, deploy_prototxt,
                          positive_int, run_tool, tool_parser)
 from ctxpred.figures.mining import MATCH_RULES
 from ctxpred.figures.mining_run import MiningSettings, mine, summary_lines
-from ctxpred.models.context import PATCH
 
 # (flag, type, help) of the numeric settings; defaults are MiningSettings'.
 NUMBERS = (
@@ -64,7 +63,6 @@ NUMBERS = (
     ("--clusters", positive_int, "clusters shown on the page"),
     ("--shown", positive_int, "verified matches shown per cluster"),
     ("--purity-top", positive_int, "detections per cluster counted for purity and coverage"),
-    ("--max-pixels", int, "shrink larger images to this many pixels (0: full size)"),
     ("--exact-threshold", int, "exact search up to this many patches, approximate (HNSW) above"),
     ("--chunk", positive_int, "constellations searched together; bounds memory"),
     ("--batch", positive_int, "patches per net.forward"),
@@ -90,6 +88,7 @@ def parse_args(argv):
     parser.add_argument("--match-rule", choices=MATCH_RULES, default=MiningSettings.match_rule,
                         help="when a detection belongs to an object's class: iou (IoU >= 0.5) "
                              "or centre (its centre inside the object) (default: %(default)s)")
+    add_max_pixels(parser)
     add_seed(parser, "constellations and of the HNSW graph")
     add_gpu(parser)
     args = parser.parse_args(argv)
@@ -99,12 +98,9 @@ def parse_args(argv):
         parser.error("--tolerance must not be negative")
     if not 0 <= args.max_shared <= 1:
         parser.error("--max-shared must lie in [0, 1]")
-    if args.max_pixels and args.max_pixels < PATCH * PATCH:
-        parser.error(f"--max-pixels must be at least {PATCH * PATCH} (one patch)")
     if args.annotations is not None and not Path(args.annotations).is_dir():
         parser.error(f"--annotations folder {args.annotations} does not exist")
     args.deploy = deploy_prototxt(args.net, args.deploy)
-    args.max_pixels = args.max_pixels or None  # 0: full size
     return args
 
 

@@ -31,10 +31,10 @@ import sys
 from pathlib import Path
 
 from ctxpred.caffe.env import load_caffe
-from ctxpred.cli import (add_gpu, add_images, add_seed, add_weights, deploy_prototxt,
+from ctxpred.cli import (add_gpu, add_images, add_max_pixels, add_seed, add_weights, deploy_prototxt,
                          positive_int, run_tool, tool_parser)
 from ctxpred.figures.neighbours import NeighbourFigureSettings, nearest_neighbour_figure
-from ctxpred.models.context import NET_NAMES, PATCH
+from ctxpred.models.context import NET_NAMES
 
 
 def parse_args(argv):
@@ -64,10 +64,7 @@ def parse_args(argv):
                         default=defaults.patches_per_image,
                         help="random patches cut from each image: the pool that queries and "
                              "neighbours come from (default: %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
-                        help="shrink images above this many pixels to it (aspect kept; JPEGs are "
-                             "decoded at a reduced scale, so memory stays bounded) before "
-                             "cutting patches (default: %(default)s; 0: full size)")
+    add_max_pixels(parser)
     add_seed(parser, "patch positions, of the choice of queries and of the HNSW graph")
     parser.add_argument("--exact-threshold", type=int, default=defaults.exact_threshold,
                         help="exact search up to this many patches, approximate (HNSW) above "
@@ -80,8 +77,6 @@ def parse_args(argv):
         parser.error(f"--net takes one name or one per --weights ({len(args.weights)})")
     if args.labels is not None and len(args.labels) != len(args.weights):
         parser.error(f"--labels needs one label per --weights ({len(args.weights)})")
-    if args.max_pixels and args.max_pixels < PATCH * PATCH:
-        parser.error(f"--max-pixels must be at least {PATCH * PATCH} (one {PATCH}x{PATCH} patch)")
     return args
 
 
@@ -93,7 +88,7 @@ def settings_of(args):
         deploys=tuple(deploy_prototxt(net) for net in nets),
         labels=tuple(args.labels or (Path(path).stem for path in args.weights)),
         out=args.out, queries=args.queries, k=args.k, layer=args.layer,
-        patches_per_image=args.patches_per_image, max_pixels=args.max_pixels or None,
+        patches_per_image=args.patches_per_image, max_pixels=args.max_pixels,
         seed=args.seed, exact_threshold=args.exact_threshold, batch=args.batch)
 
 

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from ctxpred.caffe.env import load_caffe
-from ctxpred.cli import (add_gpu, add_images, add_net, add_seed, add_weights, deploy_prototxt,
+from ctxpred.cli import (add_gpu, add_images, add_max_pixels, add_net, add_seed, add_weights, deploy_prototxt,
                          existing_file, positive_int, run_tool, tool_parser)
 from ctxpred.evaluation.retrieval_proxy import ProxySettings, compare_nets, report_lines
 
@@ -66,10 +66,7 @@ def parse_args(argv):
     parser.add_argument("--colour-gain", type=float, default=defaults.colour_gain,
                         help="each RGB channel of a key is multiplied by a factor in "
                              "[1 - G, 1 + G] (default: %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
-                        help="shrink images above this many pixels to it (aspect kept; JPEGs are "
-                             "decoded at a reduced scale, so memory stays bounded) before "
-                             "cutting patches (default: %(default)s; 0: full size)")
+    add_max_pixels(parser)
     add_seed(parser, "positions, augmentations and the bootstrap")
     parser.add_argument("--resamples", type=positive_int, default=defaults.resamples,
                         help="bootstrap resamples of the differences (default: %(default)s)")
@@ -91,7 +88,7 @@ def main(argv=None):
         labels=tuple(args.labels or (Path(path).stem for path in args.weights)),
         net=args.net, train_prototxt=args.train_prototxt, layer=args.layer,
         per_image=args.per_image, max_shift=args.max_shift, max_scale=args.max_scale,
-        colour_gain=args.colour_gain, max_pixels=args.max_pixels or None, seed=args.seed,
+        colour_gain=args.colour_gain, max_pixels=args.max_pixels, seed=args.seed,
         resamples=args.resamples, batch=args.batch))
     print("\n".join(report_lines(results)))
     if args.json:
