@@ -16,21 +16,11 @@ import skimage.data
 from PIL import Image
 
 from ctxpred.data.batching import SkippedImageWarning
-from ctxpred.evaluation.pretext import (
-    INPUT_TOPS,
-    POSITION_NAMES,
-    accuracy_with_interval,
-    confusion_matrix,
-    eval_config,
-    evaluate_pretext,
-    format_confusion,
-    load_scoring_net,
-    plot_confusion,
-    relative_position_scores,
-    report_lines,
-    sample_eval_pairs,
-    scoring_net,
-)
+from ctxpred.evaluation.pretext import (INPUT_TOPS, POSITION_NAMES, confusion_matrix, eval_config,
+                                        evaluate_pretext, format_confusion, load_scoring_net,
+                                        plot_confusion, relative_position_scores, report_lines,
+                                        sample_eval_pairs, scoring_net)
+from ctxpred.evaluation.statistics import accuracy_with_interval
 from ctxpred.data.layer import close_data_layers
 from ctxpred.weights.files import read_weights
 from ctxpred.models.context import NetOptions, data_layer_params, train_net

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import cv2
@@ -181,6 +182,30 @@ class ImageSource(abc.ABC):
     @abc.abstractmethod
     def description(self) -> str:
         """What the source is, for messages (kind, location, image count)."""
+
+
+class SubsetSource(ImageSource):
+    """The images ``indices`` of another source, in that order (a view, nothing copied)."""
+
+    def __init__(self, source: ImageSource, indices: Iterable[int]):
+        self._source = source
+        self._indices = tuple(int(index) for index in indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def name(self, index: int) -> str:
+        return self._source.name(self._indices[index])
+
+    def read_bytes(self, index: int) -> bytes:
+        return self._source.read_bytes(self._indices[index])
+
+    def label(self, index: int) -> int | None:
+        return self._source.label(self._indices[index])
+
+    @property
+    def description(self) -> str:
+        return f"{len(self)} images of {self._source.description}"
 
 
 class FileSource(ImageSource):

@@ -17,7 +17,7 @@ images with 256 pairs each (38.4% on VOC 2007; chance 12.5%). Here:
   it layer by layer (read with :func:`ctxpred.weights.files.read_weights`).
 - :func:`relative_position_scores` runs the batches through it and collects
   the argmax of fc9 per pair.
-- :func:`accuracy_with_interval` (Wilson score interval),
+- the accuracy's Wilson interval (:func:`ctxpred.evaluation.statistics.accuracy_with_interval`),
   :func:`confusion_matrix`, :func:`format_confusion` and
   :func:`plot_confusion` report the result; :func:`evaluate_pretext` runs
   the whole protocol on a weight file and writes its JSON report and plot
@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -46,7 +44,8 @@ from tqdm import tqdm
 from ctxpred.data.batching import BatchAssembler, PatchPairConfig
 from ctxpred.caffe.env import import_caffe
 from ctxpred.caffe.netparam import instantiate
-from ctxpred.data.images import ImageSource, open_source
+from ctxpred.data.images import ImageSource, SubsetSource, open_source
+from ctxpred.evaluation.statistics import accuracy_with_interval
 from ctxpred.data.layer import parse_param_str
 from ctxpred.models.context import PATCH, NetOptions, data_layer_params, train_net
 from ctxpred.data.sampling import NUM_LABELS
@@ -62,30 +61,6 @@ LOSS_BLOB = "loss"
 
 # ---------------------------------------------------------------------------
 # Pairs
-
-
-class SubsetSource(ImageSource):
-    """The images ``indices`` of another source, in that order (a view, nothing copied)."""
-
-    def __init__(self, source: ImageSource, indices: Iterable[int]):
-        self._source = source
-        self._indices = tuple(int(index) for index in indices)
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def name(self, index: int) -> str:
-        return self._source.name(self._indices[index])
-
-    def read_bytes(self, index: int) -> bytes:
-        return self._source.read_bytes(self._indices[index])
-
-    def label(self, index: int) -> int | None:
-        return self._source.label(self._indices[index])
-
-    @property
-    def description(self) -> str:
-        return f"{len(self)} images of {self._source.description}"
 
 
 @dataclass(frozen=True)
@@ -290,28 +265,6 @@ def relative_position_scores(net, batches: Iterable[EvalBatch]) -> PositionPredi
 
 # ---------------------------------------------------------------------------
 # Reporting
-
-
-def accuracy_with_interval(correct: int, total: int,
-                           confidence: float = 0.95) -> tuple[float, float, float]:
-    """(accuracy, low, high): correct / total and its Wilson score interval.
-
-    The Wilson interval inverts the normal approximation of the binomial
-    test, so it stays inside [0, 1] and behaves near 0 and 1 (unlike the
-    Wald interval p +- z sqrt(p(1-p)/n)). It treats the ``total`` pairs as
-    independent trials; pairs from one image are correlated, so the true
-    uncertainty is somewhat larger.
-    """
-    if total <= 0 or not 0 <= correct <= total:
-        raise ValueError(f"need 0 <= correct <= total and total > 0, got {correct}/{total}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = correct / total
-    z2n = z * z / total
-    centre = (p + z2n / 2) / (1 + z2n)
-    half_width = z / (1 + z2n) * math.sqrt(p * (1 - p) / total + z2n / (4 * total))
-    return p, max(0.0, centre - half_width), min(1.0, centre + half_width)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray,

@@ -43,7 +43,7 @@ from functools import partial
 import cv2
 import numpy as np
 
-from ctxpred.evaluation.pretext import accuracy_with_interval
+from ctxpred.evaluation.statistics import accuracy_with_interval
 from ctxpred.evaluation.statistics import accuracy, difference_interval
 from ctxpred.caffe.netparam import read_net_param
 from ctxpred.data.images import (DEFAULT_MAX_PIXELS, ImageError, ImageSource, decode_rgb_within,

@@ -32,6 +32,7 @@ whole groups of rows (e.g. patches of one image) are drawn together.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -216,3 +217,25 @@ def difference_interval(statistic_a, statistic_b, rows, resamples=1000, seed=0,
     """
     return bootstrap_interval(lambda weights: statistic_a(weights) - statistic_b(weights),
                               rows, resamples, seed, confidence, groups)
+
+
+def accuracy_with_interval(correct: int, total: int,
+                           confidence: float = 0.95) -> tuple[float, float, float]:
+    """(accuracy, low, high): correct / total and its Wilson score interval.
+
+    The Wilson interval inverts the normal approximation of the binomial
+    test, so it stays inside [0, 1] and behaves near 0 and 1 (unlike the
+    Wald interval p +- z sqrt(p(1-p)/n)). It treats the ``total`` pairs as
+    independent trials; pairs from one image are correlated, so the true
+    uncertainty is somewhat larger.
+    """
+    if total <= 0 or not 0 <= correct <= total:
+        raise ValueError(f"need 0 <= correct <= total and total > 0, got {correct}/{total}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = correct / total
+    z2n = z * z / total
+    centre = (p + z2n / 2) / (1 + z2n)
+    half_width = z / (1 + z2n) * math.sqrt(p * (1 - p) / total + z2n / (4 * total))
+    return p, max(0.0, centre - half_width), min(1.0, centre + half_width)

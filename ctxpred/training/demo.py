@@ -51,11 +51,12 @@ def save_initial_weights(caffe, solver_path, path):
 def evaluate(weights, heldout, n_images, pairs_per_image, seed, out_png, title):
     """Relative-position accuracy of ``weights`` on held-out pairs, with its confusion plot."""
     from ctxpred.evaluation import pretext as evaluation
+    from ctxpred.evaluation.statistics import accuracy_with_interval
     net = evaluation.load_scoring_net("color_dropping", str(weights))
     pairs = evaluation.sample_eval_pairs(heldout, n_images, pairs_per_image, seed,
                                          evaluation.eval_config("color_dropping"))
     result = evaluation.relative_position_scores(net, pairs)
-    accuracy, low, high = evaluation.accuracy_with_interval(result.correct, result.total)
+    accuracy, low, high = accuracy_with_interval(result.correct, result.total)
     matrix = evaluation.confusion_matrix(result.labels, result.predictions)
     evaluation.plot_confusion(matrix, str(out_png),
                               f"{title}: {accuracy:.1%} [{low:.1%}, {high:.1%}]")
