@@ -1,4 +1,5 @@
 """Shared fixtures. Caffe is real in every test: a missing build fails loudly."""
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,57 @@ def tiny_detection_set(tmp_path_factory):
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     save_proposals(root / "proposals.npz", proposals)
     return root
+
+
+@pytest.fixture(scope="session")
+def random_deploy_weights(caffe, tmp_path_factory):
+    """seed -> path of the colour-dropping deploy net with seeded random weights (He-scaled)
+    and non-zero biases, written once per seed for the whole session."""
+    deploy = str(Path(__file__).resolve().parents[1] / "prototxt" / "color_dropping"
+                 / "deploy.prototxt")
+    folder = tmp_path_factory.mktemp("random_deploy_weights")
+    paths = {}
+
+    def weights(seed=0):
+        if seed not in paths:
+            net = caffe.Net(deploy, caffe.TEST)
+            rng = np.random.default_rng(seed)
+            for weight, bias in net.params.values():
+                weight.data[...] = rng.normal(0, np.sqrt(2 / np.prod(weight.data.shape[1:])),
+                                              weight.data.shape)
+                bias.data[...] = rng.normal(0, 0.1, bias.data.shape)
+            paths[seed] = str(folder / f"random{seed}.caffemodel")
+            net.save(paths[seed])
+        return paths[seed]
+
+    return weights
+
+
+class PageParts(HTMLParser):
+    """A page's img src and a href values, and per table row the titles of its images."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources, self.links, self.rows = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr":
+            self.rows.append([])
+        elif tag == "img":
+            self.sources.append(attrs["src"])
+            if self.rows:
+                self.rows[-1].append(attrs.get("title"))
+        elif tag == "a":
+            self.links.append(attrs["href"])
+
+
+@pytest.fixture(scope="session")
+def page_parts():
+    """page path -> :class:`PageParts` of that HTML file."""
+    def parse(page):
+        parser = PageParts()
+        parser.feed(Path(page).read_text(encoding="utf-8"))
+        return parser
+
+    return parse

@@ -1,7 +1,6 @@
 """Maximal activations: streaming top-k, receptive fields from the prototxt, the run end to end."""
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -94,37 +93,9 @@ def test_masked_patch_is_black_outside_the_field(rng):
     assert not masked[~inside].any()
 
 
-class Images(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.sources, self.links = [], []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "img":
-            self.sources.append(attrs["src"])
-        elif tag == "a":
-            self.links.append(attrs["href"])
-
-
-def parsed(page):
-    parser = Images()
-    parser.feed(Path(page).read_text(encoding="utf-8"))
-    return parser
-
-
 @pytest.fixture(scope="module")
-def weights(caffe, tmp_path_factory):
-    """The colour-dropping deploy net with seeded random (He-scaled) weights and biases."""
-    net = caffe.Net(DEPLOY, caffe.TEST)
-    rng = np.random.default_rng(0)
-    for weight, bias in net.params.values():
-        weight.data[...] = rng.normal(0, np.sqrt(2 / np.prod(weight.data.shape[1:])),
-                                      weight.data.shape)
-        bias.data[...] = rng.normal(0, 0.1, bias.data.shape)
-    path = tmp_path_factory.mktemp("weights") / "random.caffemodel"
-    net.save(str(path))
-    return str(path)
+def weights(random_deploy_weights):
+    return random_deploy_weights(0)
 
 
 def run(weights, photo_folder, out, patches, seed=0):
@@ -133,11 +104,11 @@ def run(weights, photo_folder, out, patches, seed=0):
         layers=("conv1", "conv5", "fc6"), units=4, batch=8, chunk=16, seed=seed))
 
 
-def test_run_writes_pages_and_resumes(weights, photo_folder, tmp_path):
+def test_run_writes_pages_and_resumes(weights, photo_folder, tmp_path, page_parts):
     index, seen = run(weights, photo_folder, tmp_path / "once", 64)
     assert index == tmp_path / "once" / "index.html" and seen == 64
     index = tmp_path / "once" / "index.html"
-    assert {Path(unquote(url)).name for url in parsed(index).links} == {
+    assert {Path(unquote(url)).name for url in page_parts(index).links} == {
         "conv1.html", "conv5.html", "fc6.html"}
     param = read_deploy_param(DEPLOY)
     with np.load(tmp_path / "once" / "state.npz") as state:
@@ -145,7 +116,7 @@ def test_run_writes_pages_and_resumes(weights, photo_folder, tmp_path):
         conv1_y, conv1_x = int(state["conv1/y"][0, 0]), int(state["conv1/x"][0, 0])
     for layer in ("conv1", "conv5", "fc6"):
         page = tmp_path / "once" / f"{layer}.html"
-        sources = parsed(page).sources
+        sources = page_parts(page).sources
         assert len(sources) == 4 * 9
         files = [(page.parent / unquote(url)).resolve() for url in sources]
         assert all(path.is_file() for path in files)

@@ -2,7 +2,6 @@
 import shutil
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -20,30 +19,6 @@ NASTY = "<b>x</b>.jpg"  # a folder '<b>x<' holding 'b>.jpg'
 ODD = "a&b \"q\" #1 ?%20.jpg"
 
 
-class PageLinks(HTMLParser):
-    """Collects img src / a href values and, per table row, the img titles."""
-
-    def __init__(self):
-        super().__init__()
-        self.sources, self.links, self.rows = [], [], []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "tr":
-            self.rows.append([])
-        elif tag == "img":
-            self.sources.append(attrs["src"])
-            self.rows[-1].append(attrs["title"])
-        elif tag == "a":
-            self.links.append(attrs["href"])
-
-
-def parsed(page):
-    parser = PageLinks()
-    parser.feed(Path(page).read_text(encoding="utf-8"))
-    return parser
-
-
 def resolve(page, url):
     """The file a relative URL of ``page`` points to (as a browser opening it from disk would)."""
     assert "://" not in url and not url.startswith("/"), url
@@ -54,7 +29,7 @@ def image_of(title):
     return title.rsplit(" (x=", 1)[0]
 
 
-def test_page_escapes_names_links_relatively_and_shares_patches(tmp_path, rng):
+def test_page_escapes_names_links_relatively_and_shares_patches(tmp_path, rng, page_parts):
     photos = tmp_path / "photos"
     (photos / "<b>x<").mkdir(parents=True)
     patches = rng.integers(0, 256, size=(3, 96, 96, 3), dtype=np.uint8)
@@ -75,7 +50,7 @@ def test_page_escapes_names_links_relatively_and_shares_patches(tmp_path, rng):
     assert "net &lt;1&gt;" in text and "<title>NN &lt;test&gt;</title>" in text
     assert "lmdb:key&lt;1&gt;" in text
     for page in (first, second):
-        links = parsed(page)
+        links = page_parts(page)
         assert len(links.sources) == 5 and len(links.links) == 3  # None: no img; lmdb: no link
         for url in links.sources + links.links:
             assert resolve(page, url).is_file(), url
@@ -84,9 +59,9 @@ def test_page_escapes_names_links_relatively_and_shares_patches(tmp_path, rng):
             str(photos / NASTY), str(photos / ODD), "lmdb:key<1>"]
     # Three distinct patches: three files, the same ones for both pages.
     assert len(list(store.folder.iterdir())) == 3
-    assert ({resolve(first, url) for url in parsed(first).sources}
-            == {resolve(second, url) for url in parsed(second).sources})
-    assert store.add(patches[0].copy()) == resolve(first, parsed(first).sources[0])
+    assert ({resolve(first, url) for url in page_parts(first).sources}
+            == {resolve(second, url) for url in page_parts(second).sources})
+    assert store.add(patches[0].copy()) == resolve(first, page_parts(first).sources[0])
 
 
 def figure_of(images, weights, out, labels=None, **options):
@@ -98,20 +73,9 @@ def figure_of(images, weights, out, labels=None, **options):
 
 
 @pytest.fixture(scope="module")
-def weight_files(caffe, tmp_path_factory):
-    """Two colour-dropping deploy nets with seeded random weights (He-scaled) and biases."""
-    folder = tmp_path_factory.mktemp("weights")
-    paths = []
-    for seed in (0, 1):
-        net = caffe.Net(DEPLOY, caffe.TEST)
-        rng = np.random.default_rng(seed)
-        for weight, bias in net.params.values():
-            fan_in = np.prod(weight.data.shape[1:])
-            weight.data[...] = rng.normal(0, np.sqrt(2 / fan_in), weight.data.shape)
-            bias.data[...] = rng.normal(0, 0.1, bias.data.shape)
-        paths.append(str(folder / f"random{seed}.caffemodel"))
-        net.save(paths[-1])
-    return paths
+def weight_files(random_deploy_weights):
+    """Two colour-dropping deploy nets with seeded random weights."""
+    return [random_deploy_weights(0), random_deploy_weights(1)]
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +93,10 @@ def figure(weight_files, photo_folder, tmp_path_factory):
     return page, photos
 
 
-def test_run_writes_the_figure(figure):
+def test_run_writes_the_figure(figure, page_parts):
     page, photos = figure
     text = page.read_text(encoding="utf-8")
-    links = parsed(page)
+    links = page_parts(page)
     for url in links.sources + links.links:
         assert resolve(page, url).is_file(), url
     assert all(url.startswith("patches/") for url in links.sources)
@@ -148,12 +112,13 @@ def test_run_writes_the_figure(figure):
     assert len(files) == len({title for row in rows for title in row}) < len(links.sources)
 
 
-def test_run_with_the_approximate_index_and_one_image(figure, weight_files, tmp_path):
+def test_run_with_the_approximate_index_and_one_image(figure, weight_files, tmp_path,
+                                                     page_parts):
     _, photos = figure
     page, _ = figure_of(photos, weight_files[:1], tmp_path / "hnsw", queries=5, k=4,
                         patches_per_image=4, exact_threshold=10)  # 20 patches > 10: HNSW
     assert "approximate (HNSW) search" in page.read_text(encoding="utf-8")
-    rows = [row for row in parsed(page).rows if row]
+    rows = [row for row in page_parts(page).rows if row]
     assert len(rows) == 5 and all(len(row) == 5 for row in rows)
     for row in rows:
         assert image_of(row[0]) not in {image_of(title) for title in row[1:]}
