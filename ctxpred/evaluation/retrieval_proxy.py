@@ -24,7 +24,7 @@ Protocol (:func:`retrieval_pairs`, :func:`positive_ranks`):
   least as similar as its own key: 0 is a hit. Ties count against the query,
   so features that do not tell patches apart (constant, all zero) score 0.
 - Rank-1 accuracy is the share of hits, with a Wilson interval
-  (:func:`ctxpred.evaluation.pretext.accuracy_with_interval`: queries taken as
+  (:func:`ctxpred.evaluation.statistics.accuracy_with_interval`: queries taken as
   independent); chance is the mean of 1 / candidates.
 
 Two nets are compared on the same queries and keys (:func:`paired_difference`):
@@ -43,11 +43,10 @@ from functools import partial
 import cv2
 import numpy as np
 
-from ctxpred.evaluation.statistics import accuracy_with_interval
-from ctxpred.evaluation.statistics import accuracy, difference_interval
 from ctxpred.caffe.netparam import read_net_param
 from ctxpred.data.images import (DEFAULT_MAX_PIXELS, ImageError, ImageSource, decode_rgb_within,
                                  open_source)
+from ctxpred.evaluation.statistics import accuracy, accuracy_with_interval, difference_interval
 from ctxpred.features.extractor import FeatureExtractor
 from ctxpred.features.search import normalised
 from ctxpred.models.context import PATCH, snapshot_param
