@@ -4,7 +4,6 @@ Most checks use small nets on 32x32 input; the project page's command runs
 once on the full groupless CaffeNet (227x227) with a "no fc6" context model
 made by the project's own tools.
 """
-import importlib.util
 import re
 import subprocess
 import sys
@@ -17,8 +16,9 @@ from PIL import Image
 
 from ctxpred.weights import magic_init_reference as reference
 from ctxpred.data.layer import close_data_layers
-from ctxpred.weights.magic_init import (MEAN_BGR, TYPES, MagicInitError, NetUnderInit, analysis_net,
-                                image_batches, input_size)
+from ctxpred.weights.magic_init import (MEAN_BGR, TYPES, MagicInitError, MagicInitSettings,
+                                        NetUnderInit, analysis_net,
+                                        image_batches, input_size)
 from ctxpred.models.context import data_layer_params, train_net
 from ctxpred.caffe.netparam import instantiate, read_net_param
 from ctxpred.weights.files import read_weights, write_weights
@@ -383,16 +383,16 @@ def test_calibration_on_one_image_fails_clearly(caffe, photos, tmp_path):
 
 
 def test_help_and_flags():
-    spec = importlib.util.spec_from_file_location("magic_init_tool", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    args = tool.parse_args(["-c", "net.prototxt", "out.caffemodel"])
-    assert args.cs and args.gpu is None and args.dropout == "train"
-    assert (args.bias, args.type, args.s, args.bs, args.nit, args.mem_limit) == (
-        0.1, "elwise", 1.0, 16, 10, 500)
+    """The reference's flags and defaults: -b 0.1, -t elwise, -s 1, -bs 16, -nit 10."""
+    settings = MagicInitSettings()
+    assert (settings.bias, settings.init_type, settings.scale, settings.batch_size,
+            settings.iterations, settings.dropout) == (0.1, "elwise", 1.0, 16, 10, "train")
     result = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True,
                             text=True)
     assert result.returncode == 0 and "Example" in result.stdout
+    for default in ("default: 0.1", "default: elwise", "default: 1.0", "default: 16",
+                    "default: 10", "default: 500", "default: train"):
+        assert default in " ".join(result.stdout.split()), default
     for flag in ("--load", "--data", "--bias", "--type", "-z", "-cs", "-q", "-s S", "-bs BS",
                  "-nit NIT", "--mem-limit", "--gpu", "--seed", "--dropout {train,identity}"):
         assert flag in result.stdout, flag

@@ -1,5 +1,4 @@
 """tools/prepare_detection_init.py: context model -> Fast R-CNN initial weights, on real Caffe."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +36,11 @@ def context_model(caffe, photo_folder, tmp_path_factory):
     return folder / "model.caffemodel", train
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("prepare_detection_init", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_tool(*args):
+    """tools/prepare_detection_init.py in a subprocess: (exit code, stderr)."""
+    result = subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True,
+                            text=True, cwd=REPO)
+    return result.returncode, result.stderr
 
 
 def test_conv1_becomes_the_same_function_of_bgr_input(rng):
@@ -100,24 +99,23 @@ def test_command_gives_weights_that_load_into_the_detection_nets(caffe, context_
         assert np.isfinite(weight).all() and np.abs(weight).min(axis=1).max() > 0, name
 
 
-def test_bad_input_names_the_file_or_layer(caffe, context_model, photo_folder, tmp_path, capsys):
-    model, train = context_model
-    tool = load_tool()
+def test_bad_input_names_the_file_or_layer(caffe, context_model, photo_folder, tmp_path):
+    model, _ = context_model
     images = str(photo_folder / "*.jpg")
     out = tmp_path / "never.caffemodel"
-    common = ["--images", images, "--out", str(out), "-bs", "2", "-nit", "1"]
-    assert tool.main(["--weights", str(model), "--net", "vgg", *common]) == 2
-    error = capsys.readouterr().err
+    common = ["--images", images, "--out", out, "-bs", "2", "-nit", "1"]
+    code, error = run_tool("--weights", model, "--net", "vgg", *common)
+    assert code == 2
     assert str(model) in error and "conv1_1" in error and "not a vgg context model" in error
-    assert tool.main(["--weights", str(tmp_path / "missing.caffemodel"), "--net", "projection",
-                      *common]) == 2
-    assert "missing.caffemodel does not exist" in capsys.readouterr().err
-    assert tool.main(["--weights", str(model), "--net", "projection", "--images",
-                      str(tmp_path / "none" / "*.jpg"), "--out", str(out)]) == 2
-    assert "none" in capsys.readouterr().err
-    assert tool.main(["--weights", str(model), "--net", "color_dropping", "--images", images,
-                      "--out", str(out), "-bs", "1", "-nit", "1"]) == 2
-    assert "need at least 2" in capsys.readouterr().err
+    code, error = run_tool("--weights", tmp_path / "missing.caffemodel", "--net", "projection",
+                           *common)
+    assert code == 2 and "missing.caffemodel does not exist" in error
+    code, error = run_tool("--weights", model, "--net", "projection", "--images",
+                           tmp_path / "none" / "*.jpg", "--out", out)
+    assert code == 2 and "none" in error
+    code, error = run_tool("--weights", model, "--net", "color_dropping", "--images", images,
+                           "--out", out, "-bs", "1", "-nit", "1")
+    assert code == 2 and "need at least 2" in error
     assert not out.exists()
-    with pytest.raises(SystemExit):
-        tool.main(["--weights", str(model), "--net", "alexnet", *common])
+    code, error = run_tool("--weights", model, "--net", "alexnet", *common)
+    assert code == 2 and "alexnet" in error
