@@ -7,7 +7,11 @@ the 8-way accuracy (chance 12.5%; the paper: 38.4% on VOC 2007) with a 95%
 Wilson score confidence interval (binomial, pairs taken as independent) and
 the 8x8 confusion matrix (rows: true position, columns: predicted), printed
 and written next to the weights as <weights stem>_pretext.json and
-<weights stem>_pretext_confusion.png.
+<weights stem>_pretext_confusion.png (ctxpred.evaluation.pretext.evaluate_pretext).
+
+Example (the demo's trained net, on 100 held-out images):
+  python tools/eval_pretext.py --weights runs/demo/trained_eval.caffemodel \
+      --images data/photos/heldout --images-count 100
 """
 import sys
 

@@ -1,7 +1,7 @@
 """Maximal activations (project page figure): per unit, the 9 patches that excite it most.
 
 --patches random 96x96 patches are cut from --images: --per-image patches
-per image at uniform positions fixed by --seed (features.sampled_patches),
+per image at uniform positions fixed by --seed (ctxpred.features.patches),
 images in order, the first --patches of that stream. One net, cut after the
 deepest of --layers, runs once per batch and every requested blob is read
 from the same forward pass. A unit's activation on a patch is its value
