@@ -5,7 +5,6 @@ downloaded .deb files are shared with normal runs through the default cache
 (~/.cache/ctxpred/debs), so only the first run on a machine downloads them.
 """
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -16,21 +15,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ctxpred.data import collection as mc
+
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "make_collection.py"
 TRAINING_MIN_PIXELS = 150_000
 MIN_SIDE = 300
-
-
-def load_script():
-    """Import data/make_collection.py as a module (data/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("make_collection", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mc = load_script()
 
 
 @pytest.fixture(scope="module")

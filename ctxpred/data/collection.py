@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Assemble ctxpred's default collection of real, unlabeled photographs.
 
 The photos come from packages that a machine without general internet access
@@ -6,7 +5,8 @@ can still install: the sample photos shipped inside the scikit-image wheel,
 and wallpaper photographs from Debian packages that are fetched without root
 (``apt-get download``) and unpacked with ``dpkg-deb -x`` into a cache folder.
 Which files are used, their copyright and licence, and the fixed held-out
-split are listed in ``data/sources.json`` next to this script.
+split are listed in ``data/sources.json``; ``data/make_collection.py`` is the
+command line (``make data`` runs it).
 
 High-resolution photos are cut into non-overlapping tiles of roughly
 400k-1M pixels whose aspect ratio is at most 1.5, so every tile stays larger
@@ -23,7 +23,6 @@ collection; a run whose output already matches its manifest does nothing.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import importlib.metadata
@@ -34,14 +33,12 @@ import math
 import os
 import shutil
 import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
-DATA_DIR = Path(__file__).resolve().parent
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 DEFAULT_OUT = DATA_DIR / "photos"
 DEFAULT_SOURCES = DATA_DIR / "sources.json"
 MANIFEST_NAME = "manifest.json"
@@ -403,59 +400,3 @@ def make_collection(out_dir: Path = DEFAULT_OUT, sources_path: Path = DEFAULT_SO
                                 Path(cache_dir) if cache_dir else default_cache_dir(),
                                 workers or os.cpu_count() or 1)
     return manifest, True
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line options."""
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Assemble ctxpred's default collection of real photographs into\n"
-            "OUT/train/, OUT/heldout/ and OUT/manifest.json (JPEG tiles of 400k-1M\n"
-            "pixels; the split is by source photo, fixed in --sources).\n\n"
-            "Sources: scikit-image's sample photos and wallpaper photos from the\n"
-            "Debian packages in --sources, fetched without root by\n"
-            "  cd CACHE && apt-get download PACKAGE\n"
-            "and unpacked there by 'dpkg-deb -x'. A collection that already\n"
-            "matches its manifest is left as it is (a warm run takes ~0.1 s)."
-        ),
-        epilog="To train on your own photos instead, point the training tools at "
-               "your folder, glob, image list or LMDB; this collection is only a default.",
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="output folder (default: %(default)s)")
-    parser.add_argument("--sources", type=Path, default=DEFAULT_SOURCES,
-                        help="JSON list of source photos and the held-out split "
-                             "(default: %(default)s)")
-    parser.add_argument("--cache", type=Path, default=default_cache_dir(),
-                        help="where .deb files are downloaded and unpacked "
-                             "(default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="threads that cut photos (default: %(default)s)")
-    parser.add_argument("--force", action="store_true",
-                        help="rebuild even if the collection is current")
-    parser.add_argument("--quiet", action="store_true", help="print only errors")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s")
-    started = time.monotonic()
-    try:
-        manifest, rebuilt = make_collection(args.out, args.sources, args.cache,
-                                            args.workers, args.force)
-    except CollectionError as error:
-        print(f"make_collection: error: {error}", file=sys.stderr)
-        return 2
-    counts = manifest["counts"]
-    log.info("%s %s: %d train / %d heldout images (%.1f s)",
-             "built" if rebuilt else "up to date:", args.out.resolve(),
-             counts["train"], counts["heldout"], time.monotonic() - started)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
