@@ -38,9 +38,9 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_collection import (CollectionError, default_cache_dir, fetch_package,  # noqa: E402
-                             make_collection, read_manifest, remove_stale_builds,
-                             replace_folder)
+from ctxpred.data.collection import (CollectionError, default_cache_dir,  # noqa: E402
+                                     fetch_package, make_collection, read_manifest,
+                                     remove_stale_builds, replace_folder)
 
 from ctxpred.detection.proposals import compute_proposals, save_proposals  # noqa: E402
 from ctxpred.detection.synthetic_scenes import compose_scene, fit_longer_side, trim_cutout  # noqa: E402

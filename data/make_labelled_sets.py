@@ -45,9 +45,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_collection import (CollectionError, default_cache_dir, fetch_package,  # noqa: E402
-                             make_collection, read_manifest, remove_stale_builds,
-                             replace_folder)
+from ctxpred.data.collection import (CollectionError, default_cache_dir,  # noqa: E402
+                                     fetch_package, make_collection, read_manifest,
+                                     remove_stale_builds, replace_folder)
 from make_detection_set import (CLASS_FOLDERS, JPEG_QUALITY, SPLITS, STAMPS_PACKAGE,  # noqa: E402
                                 STAMPS_ROOT, load_cutout, split_stamps, stamp_files)
 
