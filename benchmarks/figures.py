@@ -14,7 +14,7 @@ child's address space) is its own:
   fc6, every unit): decoding the images, cutting random patches, the net
   forward, streaming top-9 per unit, saving the resumable state every
   10000 patches. Timed separately: set-up (loading Caffe and the net), the
-  patch loop (``run_the_net``: the patches/s figure) and, with --pages, the
+  patch loop (``update_tops``: the patches/s figure) and, with --pages, the
   HTML pages (``write_pages``, which cuts the winning patches again and
   writes one PNG per cell: about 49,000 for all units). Without --pages
   (the default) the pages are not written.
@@ -98,14 +98,15 @@ def bare_forward_child(weights, batch, patches, log_path, result_path):
 def max_activations_child(argv, pages, log_path, result_path):
     """Child process: tools/max_activations.py's main(argv), its stages timed; JSON to result_path.
 
-    The tool's ``run_the_net`` and ``write_pages`` are wrapped with timers
-    (main() looks them up in its module when it calls them); without
-    ``pages``, ``write_pages`` is replaced by a function that writes nothing.
+    The run's ``update_tops`` and ``write_pages`` (ctxpred.figures.max_activations) are
+    wrapped with timers (max_activations() looks them up in its module when it calls
+    them); without ``pages``, ``write_pages`` is replaced by a function that writes nothing.
     """
     with open(log_path, "w") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     tool = load_module(TOOL, "max_activations_tool")
+    from ctxpred.figures import max_activations as run
     seconds = {}
 
     def timed(stage, function):
@@ -117,11 +118,11 @@ def max_activations_child(argv, pages, log_path, result_path):
                 seconds[stage] = time.perf_counter() - start
         return wrapper
 
-    tool.run_the_net = timed("patch loop", tool.run_the_net)
+    run.update_tops = timed("patch loop", run.update_tops)
     if pages:
-        tool.write_pages = timed("pages", tool.write_pages)
+        run.write_pages = timed("pages", run.write_pages)
     else:
-        tool.write_pages = lambda args, *_: Path(args.out) / "index.html (not written)"
+        run.write_pages = lambda settings, *_: Path(settings.out) / "index.html (not written)"
     start = time.perf_counter()
     tool.main(argv)
     seconds["total"] = time.perf_counter() - start
