@@ -4,9 +4,10 @@ The procedure (method.md, "Figures of the project page"), as functions over
 arrays so that each step can be tested and reused:
 
 1. Patches: every image is covered by a grid of 96x96 patches with step
-   ``stride`` pixels (:func:`ctxpred.features.extraction.sampled_patches`, mode "grid"); their fc6 features are computed
-   once (:func:`ctxpred.features.extraction.stream_features`). A patch is a row: its
-   image id and the (y, x) pixel corner of its top-left pixel.
+   ``stride`` pixels (:func:`ctxpred.features.patches.sampled_patches`, mode
+   "grid"); their fc6 features are computed once
+   (:func:`ctxpred.features.streaming.stream_features`). A patch is a row:
+   its image id and the (y, x) pixel corner of its top-left pixel.
 2. Constellations: four patches of one image at corners (y, x), (y, x + s),
    (y + s, x), (y + s, x + s), s = ``spacing`` pixels (a multiple of the
    stride; s = 96 puts four patches side by side, as in the paper's figure).
@@ -59,7 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctxpred.models.context import PATCH
-from ctxpred.detection.voc import box_iou
+from ctxpred.detection.boxes import box_iou
 
 CONSTELLATION = 4  # patches: top-left, top-right, bottom-left, bottom-right
 MATCH_RULES = ("iou", "centre")
