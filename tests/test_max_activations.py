@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctxpred.figures.activations import (ReceptiveField, StreamingTopK, masked_patch, receptive_fields,
-                                 unit_activations)
+from ctxpred.figures.activations import (ReceptiveField, StreamingTopK, masked_patch,
+                                         receptive_fields, unit_activations)
 from ctxpred.features.nets import read_deploy_param
 from ctxpred.figures.max_activations import MaxActivationSettings, max_activations
 
@@ -56,7 +56,7 @@ def test_unit_activations_take_the_spatial_maximum(rng):
 
 
 def independent_fields(layers, patch=96):
-    """(size, jump, offset) after each listed (kernel, stride, pad) layer, by the textbook recursion."""
+    """(size, jump, offset) after each (kernel, stride, pad) layer, by the textbook recursion."""
     size, jump, offset, fields = 1, 1, 0, []
     for kernel, stride, pad in layers:
         offset -= pad * jump

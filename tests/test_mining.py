@@ -269,7 +269,8 @@ def test_tool_command_line(random_weights, planted, mined, tmp_path):
          "--clusters", "2", "--shown", "3", "--seed", "1"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"reusing {tmp_path / 'features.h5'}" in done.stdout
-    assert f"wrote {tmp_path / 'index.html'}" in done.stdout and "purity-coverage AUC" in done.stdout
+    assert f"wrote {tmp_path / 'index.html'}" in done.stdout
+    assert "purity-coverage AUC" in done.stdout
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert summary["settings"]["seed"] == 1 and summary["constellations"] == 50
     assert summary["settings"]["deploy"] == DEPLOY

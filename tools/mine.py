@@ -43,8 +43,8 @@ import sys
 from pathlib import Path
 
 from ctxpred.caffe.env import load_caffe
-from ctxpred.cli import (add_gpu, add_images, add_max_pixels, add_net, add_seed, add_weights, deploy_prototxt,
-                         positive_int, run_tool, tool_parser)
+from ctxpred.cli import (add_gpu, add_images, add_max_pixels, add_net, add_seed, add_weights,
+                         deploy_prototxt, positive_int, run_tool, tool_parser)
 from ctxpred.figures.mining import MATCH_RULES
 from ctxpred.figures.mining_run import MiningSettings, mine, summary_lines
 

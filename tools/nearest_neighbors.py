@@ -31,8 +31,8 @@ import sys
 from pathlib import Path
 
 from ctxpred.caffe.env import load_caffe
-from ctxpred.cli import (add_gpu, add_images, add_max_pixels, add_seed, add_weights, deploy_prototxt,
-                         positive_int, run_tool, tool_parser)
+from ctxpred.cli import (add_gpu, add_images, add_max_pixels, add_seed, add_weights,
+                         deploy_prototxt, positive_int, run_tool, tool_parser)
 from ctxpred.figures.neighbours import NeighbourFigureSettings, nearest_neighbour_figure
 from ctxpred.models.context import NET_NAMES
 

@@ -34,8 +34,8 @@ import sys
 from pathlib import Path
 
 from ctxpred.caffe.env import load_caffe
-from ctxpred.cli import (add_gpu, add_images, add_max_pixels, add_net, add_seed, add_weights, deploy_prototxt,
-                         existing_file, positive_int, run_tool, tool_parser)
+from ctxpred.cli import (add_gpu, add_images, add_max_pixels, add_net, add_seed, add_weights,
+                         deploy_prototxt, existing_file, positive_int, run_tool, tool_parser)
 from ctxpred.evaluation.retrieval_proxy import ProxySettings, compare_nets, report_lines
 
 

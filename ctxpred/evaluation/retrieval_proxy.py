@@ -258,7 +258,8 @@ def paired_difference(hits_a, hits_b, image_ids, seed=0, resamples=2000, confide
 
 
 def extractor_ranks(extractor, pairs: RetrievalPairs):
-    """:func:`positive_ranks` of a :class:`ctxpred.features.extractor.FeatureExtractor`'s features."""
+    """:func:`positive_ranks` of the features of a
+    :class:`ctxpred.features.extractor.FeatureExtractor`."""
     return positive_ranks(extractor.extract(pairs.queries), extractor.extract(pairs.keys),
                           pairs.image_ids)
 

@@ -51,7 +51,8 @@ class ReceptiveField:
 
 
 def _geometry(layer):
-    """(kernel extent, stride, pad) of a Convolution or Pooling layer; ValueError for non-square ones."""
+    """(kernel extent, stride, pad) of a Convolution or Pooling layer; ValueError for non-square
+    ones."""
     window = layer_window(layer)
     kernel, stride, pad = window.extent, window.stride, window.pad
     if kernel[0] != kernel[1] or stride[0] != stride[1] or pad[0] != pad[1]:
@@ -171,7 +172,7 @@ class StreamingTopK:
 
     @classmethod
     def from_state(cls, arrays, prefix=""):
-        """The StreamingTopK whose :meth:`state` (with ``prefix``) is ``arrays`` (e.g. an NpzFile)."""
+        """The StreamingTopK whose :meth:`state` (with ``prefix``) is ``arrays`` (an NpzFile)."""
         values = np.asarray(arrays[prefix + "values"], np.float32)
         top = cls(*values.shape)
         top.values = values
