@@ -124,6 +124,30 @@ def random_deploy_weights(caffe, tmp_path_factory):
     return weights
 
 
+@pytest.fixture(scope="session")
+def colour_dropping_snapshot(caffe, photo_folder, tmp_path_factory):
+    """A colour-dropping training snapshot on the photo folder, written once per session:
+    {"train": train prototxt, "untrained": weights before any forward pass (BatchNorm
+    statistics empty), "trained": weights after one TRAIN forward pass (statistics filled)}."""
+    from ctxpred.data.layer import close_data_layers
+    from ctxpred.models.context import data_layer_params, train_net
+
+    folder = tmp_path_factory.mktemp("colour_dropping_snapshot")
+    params = data_layer_params("color_dropping", str(photo_folder), seed=1, workers=1,
+                               max_patches=48)
+    paths = {"train": folder / "train.prototxt", "untrained": folder / "untrained.caffemodel",
+             "trained": folder / "model_iter_1.caffemodel"}
+    paths["train"].write_text(str(train_net("color_dropping", params)))
+    net = caffe.Net(str(paths["train"]), caffe.TRAIN)
+    try:
+        net.save(str(paths["untrained"]))
+        net.forward()
+        net.save(str(paths["trained"]))
+    finally:
+        close_data_layers(net)
+    return paths
+
+
 class PageParts(HTMLParser):
     """A page's img src and a href values, and per table row the titles of its images."""
 

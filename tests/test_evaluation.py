@@ -21,7 +21,6 @@ from ctxpred.evaluation.pretext import (INPUT_TOPS, POSITION_NAMES, confusion_ma
                                         plot_confusion, relative_position_scores, report_lines,
                                         sample_eval_pairs, scoring_net)
 from ctxpred.evaluation.statistics import accuracy_with_interval
-from ctxpred.data.layer import close_data_layers
 from ctxpred.weights.files import read_weights
 from ctxpred.models.context import NetOptions, data_layer_params, train_net
 
@@ -40,23 +39,9 @@ def eval_photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def weights(caffe, tmp_path_factory, eval_photos):
+def weights(colour_dropping_snapshot):
     """{"untrained": path, "trained": path} of the colour-dropping net's caffemodels."""
-    folder = tmp_path_factory.mktemp("weights")
-    params = data_layer_params("color_dropping", str(eval_photos), seed=1, workers=1,
-                               max_patches=48)
-    prototxt = folder / "train.prototxt"
-    prototxt.write_text(str(train_net("color_dropping", params)))
-    net = caffe.Net(str(prototxt), caffe.TRAIN)
-    try:
-        paths = {"untrained": folder / "untrained.caffemodel",
-                 "trained": folder / "model_iter_1.caffemodel"}
-        net.save(str(paths["untrained"]))
-        net.forward()
-        net.save(str(paths["trained"]))
-    finally:
-        close_data_layers(net)
-    return {name: str(path) for name, path in paths.items()}
+    return {name: str(colour_dropping_snapshot[name]) for name in ("untrained", "trained")}
 
 
 @pytest.fixture(scope="module")

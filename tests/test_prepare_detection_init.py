@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 
 from ctxpred.detection.init_weights import detection_conv1
-from ctxpred.data.layer import close_data_layers
-from ctxpred.models.context import data_layer_params, train_net
 from ctxpred.data.preprocess import projection_matrix
 from ctxpred.weights.surgery import fold_batchnorm
 from ctxpred.caffe.netparam import read_net_param
@@ -20,20 +18,9 @@ CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
 
 @pytest.fixture(scope="module")
-def context_model(caffe, photo_folder, tmp_path_factory):
+def context_model(colour_dropping_snapshot):
     """(caffemodel, train prototxt) of a colour-dropping net whose BatchNorm saw one batch."""
-    folder = tmp_path_factory.mktemp("context_model")
-    params = data_layer_params("color_dropping", str(photo_folder), seed=5, workers=1,
-                               max_patches=40)
-    train = folder / "train.prototxt"
-    train.write_text(str(train_net("color_dropping", params)))
-    net = caffe.Net(str(train), caffe.TRAIN)
-    try:
-        net.forward()  # fills BatchNorm's statistics
-        net.save(str(folder / "model.caffemodel"))
-    finally:
-        close_data_layers(net)
-    return folder / "model.caffemodel", train
+    return colour_dropping_snapshot["trained"], colour_dropping_snapshot["train"]
 
 
 def run_tool(*args):
