@@ -44,15 +44,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ctxpred.data.collection import (CollectionError, default_cache_dir,  # noqa: E402
-                                     fetch_package, make_collection, read_manifest,
-                                     remove_stale_builds, replace_folder)
-from make_detection_set import (CLASS_FOLDERS, JPEG_QUALITY, SPLITS, STAMPS_PACKAGE,  # noqa: E402
-                                STAMPS_ROOT, load_cutout, split_stamps, stamp_files)
-
-from ctxpred.detection.synthetic_scenes import compose_scene, fit_longer_side  # noqa: E402
-from ctxpred.detection.voc import Annotation, VocObject, write_annotation  # noqa: E402
+from ctxpred.data.collection import (CollectionError, default_cache_dir, fetch_package,
+                                     make_collection, read_manifest, remove_stale_builds,
+                                     replace_folder)
+from ctxpred.detection.detection_set import (CLASS_FOLDERS, JPEG_QUALITY, SPLITS, STAMPS_PACKAGE,
+                                             STAMPS_ROOT, load_cutout, split_stamps, stamp_files)
+from ctxpred.detection.synthetic_scenes import compose_scene, fit_longer_side
+from ctxpred.detection.voc import Annotation, VocObject, write_annotation
 
 DATA_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = DATA_DIR / "labelled"

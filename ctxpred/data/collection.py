@@ -23,6 +23,7 @@ collection; a run whose output already matches its manifest does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import importlib.metadata
@@ -337,23 +338,39 @@ def replace_folder(new: Path, target: Path) -> None:
         new.rename(target)
 
 
-def build_collection(out_dir: Path, sources: dict, recipe: str, cache_dir: Path,
-                     workers: int) -> dict:
-    """Fetch the packages, cut every photo and move the result to out_dir."""
+@contextlib.contextmanager
+def building_folder(out_dir: Path, made_by: str):
+    """A staging folder beside ``out_dir`` that replaces it when the block ends without error.
+
+    Generated data sets (the photo collection, the detection and labelled
+    sets) are built in it, so an interrupted or failed build never leaves a
+    half set and a previous set stays until the new one is complete. A
+    non-empty ``out_dir`` without a manifest.json is not ours: CollectionError.
+    Staging folders of builds whose process died are removed first. The
+    staging folder starts with a ``.gitignore`` of ``*`` (git never lists the
+    data, nor a killed build's folder) naming ``made_by``.
+    """
     if out_dir.exists() and read_manifest(out_dir) is None and any(out_dir.iterdir()):
         raise CollectionError(
             f"{out_dir} exists, is not empty and has no {MANIFEST_NAME}: not replacing "
-            f"a folder this script did not make; pass another --out or remove it"
-        )
-    photos = sources["photos"]
-    packages = resolve_packages(photos, cache_dir)
+            f"a folder ctxpred did not make; pass another --out or remove it")
+    remove_stale_builds(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
     try:
         staging.mkdir(parents=True)
-        # '*' also ignores the .gitignore itself: git never lists the
-        # collection, nor the staging folder of a build that was killed.
-        (staging / ".gitignore").write_text("# made by data/make_collection.py\n*\n",
-                                             encoding="utf-8")
+        (staging / ".gitignore").write_text(f"# made by {made_by}\n*\n", encoding="utf-8")
+        yield staging
+        replace_folder(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_collection(out_dir: Path, sources: dict, recipe: str, cache_dir: Path,
+                     workers: int) -> dict:
+    """Fetch the packages, cut every photo and move the result to out_dir."""
+    photos = sources["photos"]
+    packages = resolve_packages(photos, cache_dir)
+    with building_folder(out_dir, "data/make_collection.py") as staging:
         for split in SPLITS:
             (staging / split).mkdir()
         log.info("cutting %d photos into %s", len(photos), out_dir)
@@ -377,9 +394,6 @@ def build_collection(out_dir: Path, sources: dict, recipe: str, cache_dir: Path,
         }
         (staging / MANIFEST_NAME).write_text(
             json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        replace_folder(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
