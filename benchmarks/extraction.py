@@ -24,8 +24,8 @@ printed and the median is the result:
 Net: the colour-dropping deploy net with random (filler) weights; images
 from data/photos/heldout. The load average is printed at the start and end.
 
-    .venv/bin/python benchmarks/extraction.py                  # about 3 minutes on 2 cores
-    .venv/bin/python benchmarks/extraction.py --rounds 2 --images 16   # smoke run
+    .venv/bin/python benchmarks/extraction.py                  # about 4 minutes on 2 cores
+    .venv/bin/python benchmarks/extraction.py --rounds 2 --images 8    # smoke run
 """
 import argparse
 import os
@@ -120,7 +120,7 @@ def patch_pixels(args):
     from ctxpred.features.patches import sampled_patches
     from ctxpred.features.streaming import patch_batches
 
-    count = args.images * 4
+    count = args.images * 16
     items = sampled_patches(open_source(args.photos), "random", 16, seed=0)
     return next(patch_batches(items, count, 96, stop=count)).pixels.copy()
 
@@ -183,11 +183,11 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", default=str(REPO / "data" / "photos" / "heldout"))
     parser.add_argument("--images", type=int, default=32,
-                        help="whole images per measurement (patches: 4x as many)")
+                        help="whole images per measurement (patches: 16x as many)")
     parser.add_argument("--input-size", type=int, default=227)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--patch-batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None,
                         help="onnxruntime intra-op threads (default: every core)")
     args = parser.parse_args(argv)

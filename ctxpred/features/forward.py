@@ -18,7 +18,14 @@ neighbour_proxy) goes through :class:`CaffeForward`, or its onnxruntime twin
 The conversion costs about 1% of AlexNet's forward pass per input, so a
 caller that keeps its per-item Python work out of the loop (whole batches of
 pixels, one slice copy per image: :func:`ctxpred.features.streaming.patch_batches`)
-runs at the speed of a bare ``net.forward()`` loop (benchmarks/extraction.py).
+runs at the speed of a bare ``net.forward()`` loop (benchmarks/extraction.py,
+which alternates the two so that other jobs slow both alike; measured that
+way, max_activations' whole loop also runs at about 1.0x: its reported
+0.24-0.29x compared a run under load with a baseline measured after it).
+
+onnxruntime gets the graph of :func:`ctxpred.weights.onnx.caffe_to_onnx`
+rewritten by :func:`for_onnxruntime` (reductions in float64 for parity,
+LRN as pooling for speed).
 
 :func:`check_parity` compares two forwards on one batch; the onnxruntime
 backend is checked against pycaffe on the first batch of every run.
@@ -77,33 +84,72 @@ class CaffeForward:
 _SUMMING_REDUCTIONS = ("ReduceSum", "ReduceSumSquare", "ReduceMean", "ReduceL1")
 
 
-def with_double_reductions(model):
-    """``model`` (ModelProto, changed in place) with every summing Reduce* node run in float64.
+def _double_reduction(node, model):
+    """A summing Reduce* node run in float64: its input cast to double, its output back.
 
     onnxruntime's float32 ReduceSumSquare adds the values one by one: over a
     227 x 227 x 3 image (our deploy nets' RMS normalisation) its relative
     error reaches 2e-4, where Caffe's BLAS dot product is within 1e-5 of the
-    exact sum. Each such node's input is cast to double and its output back.
+    exact sum.
     """
     from onnx import TensorProto, helper
 
+    source, target = node.input[0], node.output[0]
+    node.input[0], node.output[0] = f"{source}/double", f"{target}/double"
+    return [helper.make_node("Cast", [source], [node.input[0]], to=TensorProto.DOUBLE), node,
+            helper.make_node("Cast", [node.output[0]], [target], to=TensorProto.FLOAT)]
+
+
+def _pooled_lrn(node, model):
+    """An LRN node as x * (bias + alpha * mean of x^2 over ``size`` channels)^-beta.
+
+    The mean is a 3-D AveragePool over (channels, 1, 1) with zero padding
+    counted, as Caffe divides by ``size`` at the edges too; onnxruntime runs
+    this about twice as fast as its LRN kernel (same values within 1e-6).
+    """
+    from onnx import helper, numpy_helper
+
+    settings = {attribute.name: helper.get_attribute_value(attribute)
+                for attribute in node.attribute}
+    size, name = settings["size"], node.output[0]
+    constants = {"axis": np.array([1], np.int64), "alpha": np.float32(settings.get("alpha", 1e-4)),
+                 "bias": np.float32(settings.get("bias", 1.0)),
+                 "minus_beta": np.float32(-settings.get("beta", 0.75))}
+    for key, value in constants.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), f"{name}/{key}"))
+    x, half = node.input[0], (size - 1) // 2
+    steps = [("Mul", [x, x], "squared", {}), ("Unsqueeze", [None, f"{name}/axis"], "stacked", {}),
+             ("AveragePool", [None], "mean", dict(kernel_shape=[size, 1, 1], count_include_pad=1,
+                                                  pads=[half, 0, 0, half, 0, 0])),
+             ("Squeeze", [None, f"{name}/axis"], "unstacked", {}),
+             ("Mul", [None, f"{name}/alpha"], "scaled", {}),
+             ("Add", [None, f"{name}/bias"], "shifted", {}),
+             ("Pow", [None, f"{name}/minus_beta"], "factor", {})]
+    nodes, previous = [], None
+    for op, inputs, label, attributes in steps:
+        inputs = [previous if value is None else value for value in inputs]
+        previous = f"{name}/{label}"
+        nodes.append(helper.make_node(op, inputs, [previous], **attributes))
+    return nodes + [helper.make_node("Mul", [x, previous], [name])]
+
+
+_REWRITES = {**dict.fromkeys(_SUMMING_REDUCTIONS, _double_reduction), "LRN": _pooled_lrn}
+
+
+def for_onnxruntime(model):
+    """``model`` (ModelProto, changed in place) rewritten for onnxruntime's CPU kernels.
+
+    Summing reductions run in float64 (:func:`_double_reduction`: parity
+    with Caffe) and LRN runs as pooling (:func:`_pooled_lrn`: speed).
+    """
     nodes = []
     for node in model.graph.node:
-        if node.op_type in _SUMMING_REDUCTIONS:
-            source, target = node.input[0], node.output[0]
-            node.input[0], node.output[0] = f"{source}/double", f"{target}/double"
-            nodes.append(helper.make_node("Cast", [source], [node.input[0]],
-                                          to=TensorProto.DOUBLE))
-            nodes.append(node)
-            nodes.append(helper.make_node("Cast", [node.output[0]], [target],
-                                          to=TensorProto.FLOAT))
-        else:
-            nodes.append(node)
-    copies = [type(node)() for node in nodes]
-    for copy, node in zip(copies, nodes):
+        rewrite = _REWRITES.get(node.op_type)
+        copy = type(node)()
         copy.CopyFrom(node)
+        nodes.extend([copy] if rewrite is None else rewrite(copy, model))
     del model.graph.node[:]
-    model.graph.node.extend(copies)
+    model.graph.node.extend(nodes)
     return model
 
 
@@ -113,7 +159,9 @@ def onnx_session(model, threads=None):
     threads: intra-op threads (None: every core). Graph optimisation at the
     highest level (constant folding, Conv+Relu fusion, NCHWc layouts) and
     sequential execution: on 2-4 cores, running independent nodes in
-    parallel only takes threads from the convolutions.
+    parallel only takes threads from the convolutions. Idle threads do not
+    spin: on a machine shared with other jobs spinning took CPU from them and
+    gave no measurable speed (benchmarks/extraction.py, 2 cores, load 8).
     """
     import onnxruntime
 
@@ -122,6 +170,7 @@ def onnx_session(model, threads=None):
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return onnxruntime.InferenceSession(model.SerializeToString(), options,
                                         providers=["CPUExecutionProvider"])
@@ -140,7 +189,7 @@ class OnnxForward:
     def __init__(self, net_param, weights, outputs, bgr=False, threads=None):
         from ctxpred.weights.onnx import caffe_to_onnx
 
-        model = with_double_reductions(caffe_to_onnx(net_param, weights))
+        model = for_onnxruntime(caffe_to_onnx(net_param, weights))
         graph_outputs = [output.name for output in model.graph.output]
         missing = [name for name in outputs if name not in graph_outputs]
         if missing:
