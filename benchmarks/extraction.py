@@ -48,12 +48,17 @@ def rate(run, items):
     return items / (time.perf_counter() - wall), items / (time.process_time() - cpu)
 
 
-def bare_loop(net, batch, batches):
-    """``run()`` of ``batches`` bare ``net.forward()`` calls at ``batch`` (input filled once)."""
+def bare_loop(net, pixels, batch):
+    """``run()`` of bare ``net.forward()`` calls at ``batch``, as many as ``pixels`` (N, H, W, 3)
+    fills; the input blob holds the first batch of them, converted once (the same values as the
+    shared path sees: activations, hence the arithmetic, depend on them)."""
+    from ctxpred.features.forward import net_input
+
     blob = net.blobs[net.inputs[0]]
     blob.reshape(batch, *blob.data.shape[1:])
-    blob.data[...] = np.random.default_rng(0).normal(0, 50, blob.data.shape)
+    net_input(pixels[:batch], out=blob.data)
     net.forward()
+    batches = -(-len(pixels) // batch)
 
     def run():
         for _ in range(batches):
@@ -131,15 +136,15 @@ def whole_image_ratios(weights, args, folder):
     from ctxpred.features.layers import extract_layer_features
 
     net, pixels, paths = whole_image_nets(weights, args)
+    pixels = pixels[:len(pixels) // args.batch * args.batch]  # full batches: the same work
     outputs = list(net.outputs.values())
     caffe_forward = CaffeForward(net.net, outputs)
-    batches = -(-len(pixels) // args.batch)
     print(f"\n(a) whole images {args.input_size}x{args.input_size}, batch {args.batch}, "
           f"{len(pixels)} images, outputs {', '.join(outputs)}")
     shared = interleaved("shared path / bare forward (whole images)",
                          [("shared", shared_loop(caffe_forward, pixels, args.batch)),
-                          ("bare", bare_loop(net.net, args.batch, batches))],
-                         batches * args.batch, args.rounds)
+                          ("bare", bare_loop(net.net, pixels, args.batch))],
+                         len(pixels), args.rounds)
     onnx_forward = OnnxForward(net.param, net.weights(), outputs, threads=args.threads)
     parity = check_parity(caffe_forward, onnx_forward, pixels[:args.batch])
     print(f"\n(b) onnxruntime vs Caffe, whole images, batch {args.batch} "
@@ -163,18 +168,18 @@ def patch_ratios(weights, args):
 
     extractor = FeatureExtractor(str(DEPLOY), weights, "fc6", args.patch_batch)
     patches = patch_pixels(args)
-    batches = -(-len(patches) // args.patch_batch)
+    patches = patches[:len(patches) // args.patch_batch * args.patch_batch]  # full batches
     print(f"\n(a) 96x96 patches to fc6, batch {args.patch_batch}, {len(patches)} patches")
-    bare = bare_loop(extractor.net, args.patch_batch, batches)
+    bare = bare_loop(extractor.net, patches, args.patch_batch)
     shared = interleaved("shared path / bare forward (patches)",
                          [("shared", shared_loop(extractor.forward, patches, args.patch_batch)),
-                          ("bare", bare)], batches * args.patch_batch, args.rounds)
+                          ("bare", bare)], len(patches), args.rounds)
     layers = ["norm1", "norm2", "conv3", "conv4", "conv5", "fc6"]
     print(f"\nmax_activations' loop ({', '.join(layers)}: every unit's maximum and top 9)")
     interleaved("max_activations loop / bare forward",
                 [("loop", max_activations_loop(extractor.net, layers, patches,
                                                args.patch_batch)),
-                 ("bare", bare)], batches * args.patch_batch, args.rounds)
+                 ("bare", bare)], len(patches), args.rounds)
     return shared
 
 
