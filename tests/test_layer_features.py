@@ -184,3 +184,9 @@ def test_a_users_caffenet_gives_fc6_and_fc7_at_its_own_size(caffe, tmp_path):
                         "conv5": ((256, 13, 13), (8, 8), (1, 1), 9216),
                         "fc6": ((4096, 1, 1), (1, 1), (1, 1), 4096),
                         "fc7": ((4096, 1, 1), (1, 1), (1, 1), 4096)}
+
+
+def test_an_input_too_small_for_a_kernel_is_bad_input(weights, tmp_path):
+    with pytest.raises(ValueError, match="at 40 pixels"):
+        LayerFeatureNet(DEPLOY, weights, ["fc6"], input_size=40)
+    assert LayerFeatureNet(DEPLOY, weights, ["conv5"], input_size=64).geometry["conv5"]

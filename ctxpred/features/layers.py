@@ -44,7 +44,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ctxpred.caffe.netparam import instantiate, read_net_param
+from ctxpred.caffe.netparam import instantiate, net_param_shapes, read_net_param
 from ctxpred.data.images import decode_squashed
 from ctxpred.features.dense import convolutional_net, fully_convolutional
 from ctxpred.features.extractor import FeatureExtractor
@@ -100,11 +100,10 @@ class LayerFeatureNet:
         order = {top: index for index, layer in enumerate(param.layer) for top in layer.top}
         extractor = FeatureExtractor(deploy, weights, max(layers, key=order.get), batch=1,
                                      train_param=train_param)
-        if input_size < extractor.patch:
-            raise ValueError(f"input size {input_size} is below the net's own input "
-                             f"({extractor.patch} pixels)")
         shapes = {name: blob.data.shape for name, blob in extractor.net.blobs.items()}
         fcn = fully_convolutional(extractor.param, shapes, input_size, input_size)
+        if input_size < extractor.patch:  # a kernel may not fit: Caffe would abort, check aside
+            net_param_shapes(fcn, f"{deploy} at {input_size} pixels")
         maps = {name: blob.data.shape[1:] for name, blob in instantiate(fcn).blobs.items()}
         fc_blobs = {top for layer in extractor.param.layer if layer.type == "InnerProduct"
                     for top in layer.top}
