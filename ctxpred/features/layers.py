@@ -153,11 +153,8 @@ def load_whole_images(paths, size, out):
 
 
 def _file_digest(path):
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def cache_keys(deploy, weights, image_ids, layers, input_size, bgr=False, train_param=None):
