@@ -38,7 +38,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ctxpred.caffe.netparam import instantiate
 from ctxpred.data.preprocess import crop_patches
 from ctxpred.features.extractor import FeatureExtractor
-from ctxpred.features.forward import net_input
+from ctxpred.features.forward import CaffeForward
 from ctxpred.features.nets import fit_weights
 from ctxpred.features.patches import grid_corners
 
@@ -152,6 +152,7 @@ class DenseFeatureNet:
         self._block = (shape[2], shape[3]) if len(shape) == 4 else (1, 1)
         self.param = fully_convolutional(extractor.param, shapes, height, width)
         self.net = convolutional_net(extractor, self.param)
+        self._forward = CaffeForward(self.net, [self._blob])
         self.rows = (height - self.patch) // self.stride + 1
         self.cols = (width - self.patch) // self.stride + 1
 
@@ -160,9 +161,7 @@ class DenseFeatureNet:
         if image.shape != (self.height, self.width, 3):
             raise ValueError(f"this net takes ({self.height}, {self.width}, 3) images, "
                              f"got {image.shape}")
-        net_input(image[np.newaxis], out=self.net.blobs[self.net.inputs[0]].data)
-        self.net.forward()
-        feature_map = self.net.blobs[self._blob].data[0]  # (C, Hm, Wm)
+        feature_map = self._forward(image[np.newaxis])[self._blob][0]  # (C, Hm, Wm)
         block_h, block_w = self._block
         blocks = sliding_window_view(feature_map, (block_h, block_w), axis=(1, 2))
         if blocks.shape[1] < self.rows or blocks.shape[2] < self.cols:
