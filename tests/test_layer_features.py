@@ -190,3 +190,24 @@ def test_an_input_too_small_for_a_kernel_is_bad_input(weights, tmp_path):
     with pytest.raises(ValueError, match="at 40 pixels"):
         LayerFeatureNet(DEPLOY, weights, ["fc6"], input_size=40)
     assert LayerFeatureNet(DEPLOY, weights, ["conv5"], input_size=64).geometry["conv5"]
+
+
+@pytest.mark.parametrize("beta", [0.75, 0.6])
+def test_lrn_rewritten_for_onnxruntime_computes_lrn(beta):
+    """The pooled LRN of for_onnxruntime equals onnxruntime's own LRN (Caffe's formula)."""
+    from onnx import TensorProto, helper
+
+    from ctxpred.features.forward import for_onnxruntime, onnx_session
+
+    def model():
+        node = helper.make_node("LRN", ["x"], ["y"], size=5, alpha=1e-3, beta=beta, bias=2.0)
+        graph = helper.make_graph(
+            [node], "lrn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7, 4, 5])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(0).normal(0, 30, (2, 7, 4, 5)).astype(np.float32)
+    expected = onnx_session(model()).run(None, {"x": x})[0]
+    rewritten = for_onnxruntime(model())
+    assert "LRN" not in {node.op_type for node in rewritten.graph.node}
+    np.testing.assert_allclose(onnx_session(rewritten).run(None, {"x": x})[0], expected,
+                               rtol=1e-5, atol=1e-6)

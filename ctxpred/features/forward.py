@@ -151,8 +151,9 @@ def _pooled_lrn(node, model):
                 for attribute in node.attribute}
     size, name = settings["size"], node.output[0]
     constants = {"axis": np.array([1], np.int64), "alpha": np.float32(settings.get("alpha", 1e-4)),
-                 "bias": np.float32(settings.get("bias", 1.0)),
-                 "minus_beta": np.float32(-settings.get("beta", 0.75))}
+                 "bias": np.float32(settings.get("bias", 1.0))}
+    if settings.get("beta", 0.75) != 0.75:
+        constants["minus_beta"] = np.float32(-settings["beta"])
     for key, value in constants.items():
         model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), f"{name}/{key}"))
     x, half = node.input[0], (size - 1) // 2
