@@ -10,7 +10,7 @@ from ctxpred.models.context import (MEAN_RGB, NET_NAMES, NetOptions, data_layer_
                           generated_files, train_net)
 from ctxpred.data.layer import close_data_layers
 from ctxpred.data.preprocess import PROJECTION_AXIS, apply_augmentations, crop_patches, draw_augmentations
-from ctxpred.weights.surgery import load_params, net_params, to_factorized_head, to_reference_head
+from ctxpred.weights.surgery import load_weights, net_weights, to_factorized_head, to_reference_head
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,8 +118,8 @@ def test_factorized_head_gives_same_loss_and_gradients(caffe, tmp_path, photo_fo
                           caffe.TRAIN)
     factorized = caffe.Net(write(tmp_path, train_net(
         "color_dropping", params, NetOptions(factorized_head=True)), "fact.prototxt"), caffe.TRAIN)
-    weights = net_params(reference)
-    load_params(factorized, to_factorized_head(weights))
+    weights = net_weights(reference)
+    load_weights(factorized, to_factorized_head(weights))
     for net in (reference, factorized):
         net.forward()
         net.backward()
@@ -144,7 +144,7 @@ def test_factorized_head_gives_same_loss_and_gradients(caffe, tmp_path, photo_fo
     # fc7's bias is cancelled by bn7's mean subtraction: its gradient is
     # rounding noise in both heads, so it is not compared.
     # And back: the converted weights are the original ones, bit for bit.
-    round_trip = to_reference_head(net_params(factorized))
+    round_trip = to_reference_head(net_weights(factorized))
     assert all(a.tobytes() == b.tobytes()
                for a, b in zip(round_trip["fc7"], weights["fc7"]))
     close_data_layers(reference)

@@ -20,8 +20,8 @@ from ctxpred.models.backbones import caffenet_deploy
 from ctxpred.data.layer import close_data_layers
 from ctxpred.models.context import MEAN_RGB, NetOptions, data_layer_params, deploy_net, train_net
 from ctxpred.data.preprocess import crop_patches
-from ctxpred.weights.surgery import (batchnorm_pairs, compare_shapes, drop_layers_from, fold_batchnorm, groupless_net, groupless_weights, load_params)
-from ctxpred.caffe.netparam import param_shapes, read_net_param
+from ctxpred.weights.surgery import (batchnorm_pairs, compare_shapes, drop_layers_from, fold_batchnorm, groupless_net, groupless_weights, load_weights)
+from ctxpred.caffe.netparam import read_net_param, weight_shapes
 from ctxpred.weights.files import read_weights, write_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def photo_patches():
 
 def fc6_of(caffe, prototxt, weights, patches):
     net = caffe.Net(str(prototxt), caffe.TEST)
-    load_params(net, {name: weights[name] for name in net.params})
+    load_weights(net, {name: weights[name] for name in net.params})
     net.blobs["data"].reshape(*patches.shape)
     net.blobs["data"].data[...] = patches
     net.forward()
@@ -169,7 +169,7 @@ def test_groupless_tool_keeps_outputs(caffe, tmp_path, rng):
     weights = {name: [(rng.standard_normal(blob.data.shape) * np.sqrt(2 / blob.data[0].size))
                       .astype(np.float32) for blob in blobs]
                for name, blobs in grouped.params.items()}
-    load_params(grouped, weights)
+    load_weights(grouped, weights)
     assert weights["mix_a"][0].shape == (48, 12, 5, 5) and weights["b4x"][0].shape == (36, 12, 3, 3)
     write_weights(weights, tmp_path / "grouped.caffemodel")
     result = run_tool("groupless.py", "--prototxt", prototxt, "--weights",
@@ -216,7 +216,7 @@ def test_checked_in_detection_prototxt_equals_generated():
 
 def test_detection_net_shapes(caffe, tmp_path):
     def shapes_of(prototxt):
-        return param_shapes(caffe.Net(str(prototxt), caffe.TEST))
+        return weight_shapes(caffe.Net(str(prototxt), caffe.TEST))
 
     shapes = shapes_of(PROTOTXT / "groupless_caffenet.prototxt")
     assert shapes["conv1"][0] == (96, 3, 11, 11) and shapes["conv2"][0] == (256, 96, 5, 5)
@@ -248,7 +248,7 @@ def test_no_fc6_model_loads_into_groupless_caffenet(caffe, snapshot, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "no weights for fc6, fc7, fc8" in result.stdout
     net = caffe.Net(str(caffenet), caffe.TEST)
-    report = compare_shapes(param_shapes(net), read_weights(folded))
+    report = compare_shapes(weight_shapes(net), read_weights(folded))
     assert report.missing == ("fc6", "fc7", "fc8") and not report.unused and not report.different
     net = caffe.Net(str(caffenet), caffe.TEST, weights=str(folded))
     expected = fold_batchnorm(weights, read_net_param(prototxt))
@@ -336,7 +336,7 @@ def test_load_params_names_every_mismatch(caffe, tmp_path):
     weights["conv2"] = [np.zeros((256, 48, 5, 5), np.float32), weights["conv2"][1]]
     weights["fc6"] = [np.zeros((4096, 9216), np.float32), weights["fc6"][1]]
     with pytest.raises(ValueError) as error:
-        load_params(net, weights)
+        load_weights(net, weights)
     message = str(error.value)
     for line in ("layer conv2: the net's blobs have shapes 256x96x5x5, 256, "
                  "the weights 256x48x5x5, 256",

@@ -22,7 +22,7 @@ import sys
 from ctxpred.cli import BAD_INPUT, run_tool, tool_parser
 from ctxpred.weights.surgery import (batchnorm_pairs, check_batchnorms_fold, compare_shapes,
                                      fold_batchnorm)
-from ctxpred.caffe.netparam import net_param_shapes, read_net_param
+from ctxpred.caffe.netparam import read_net_param, weight_shapes_of
 from ctxpred.weights.files import read_weights, write_weights
 
 
@@ -40,7 +40,7 @@ def main(argv=None):
     in_param, out_param = read_net_param(args.indefinition), read_net_param(args.outdefinition)
     weights = read_weights(args.inmodel)
     folded = fold_batchnorm(weights, in_param)
-    out_shapes = net_param_shapes(out_param, args.outdefinition)
+    out_shapes = weight_shapes_of(out_param, args.outdefinition)
     report = compare_shapes(out_shapes, folded)
     if report.different:
         print(f"error: the folded weights do not fit {args.outdefinition}:", file=sys.stderr)

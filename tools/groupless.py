@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ctxpred.cli import add_weights, run_tool, tool_parser
 from ctxpred.weights.surgery import compare_shapes, groupless_net, groupless_weights
-from ctxpred.caffe.netparam import net_param_shapes, read_net_param
+from ctxpred.caffe.netparam import read_net_param, weight_shapes_of
 from ctxpred.weights.files import read_weights, write_weights
 
 
@@ -36,7 +36,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     net_param = read_net_param(args.prototxt)
     weights = read_weights(args.weights)
-    report = compare_shapes(net_param_shapes(net_param, args.prototxt), weights)
+    report = compare_shapes(weight_shapes_of(net_param, args.prototxt), weights)
     if report.different:
         raise ValueError(f"{args.weights} does not fit {args.prototxt}: "
                          + "; ".join(report.lines()))

@@ -15,7 +15,7 @@ import sys
 
 from ctxpred.cli import run_tool, tool_parser
 from ctxpred.weights.surgery import compare_shapes
-from ctxpred.caffe.netparam import net_param_shapes, read_net_param
+from ctxpred.caffe.netparam import read_net_param, weight_shapes_of
 from ctxpred.weights.files import read_weights
 
 
@@ -42,7 +42,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     net_param = read_net_param(args.prototxt) if args.prototxt else None
     weights = read_weights(args.weights)
-    net_shapes = net_param_shapes(net_param, args.prototxt) if net_param is not None else None
+    net_shapes = weight_shapes_of(net_param, args.prototxt) if net_param is not None else None
     print(f"{args.weights}:")
     print(layer_table(weights))
     if net_shapes is None:

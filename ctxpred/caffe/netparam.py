@@ -13,7 +13,7 @@ it (Caffe aborts the whole process on a bad one):
 - :func:`truncated`: the net up to the layer that writes a blob.
 - :func:`instantiate`: a pycaffe Net of a message (Caffe reads nets only
   from files).
-- :func:`net_param_shapes`: parameter shapes of a net Caffe may not be able
+- :func:`weight_shapes_of`: parameter shapes of a net Caffe may not be able
   to build, checked in a child process.
 """
 import json
@@ -139,19 +139,19 @@ def phase_layers(net_param, phase):
                 else not any(_meets(rule, number, state) for rule in layer.exclude))]
 
 
-def truncated(param, blob):
-    """Copy of NetParameter ``param`` keeping the layers up to the last one that writes ``blob``.
+def truncated(net_param, blob):
+    """Copy of NetParameter ``net_param`` keeping the layers up to the last one that writes ``blob``.
 
     In-place layers on ``blob`` (a ReLU after conv5, say) are kept, so the
     blob holds what it holds after the full net's forward pass. Raises
     ValueError listing the net's blobs when none is called ``blob``.
     """
-    writers = [index for index, layer in enumerate(param.layer) if blob in layer.top]
+    writers = [index for index, layer in enumerate(net_param.layer) if blob in layer.top]
     if not writers:
-        blobs = list(dict.fromkeys(top for layer in param.layer for top in layer.top))
+        blobs = list(dict.fromkeys(top for layer in net_param.layer for top in layer.top))
         raise ValueError(f"the net has no blob {blob!r}; its blobs: {', '.join(blobs)}")
-    cut = type(param)()
-    cut.CopyFrom(param)
+    cut = type(net_param)()
+    cut.CopyFrom(net_param)
     del cut.layer[writers[-1] + 1:]
     return cut
 
@@ -175,8 +175,8 @@ def instantiate(net_param, phase="test", weights=None):
         return caffe.Net(path, str(weights), mode)
 
 
-def param_shapes(net):
-    """{layer: [blob shape tuples]} of a pycaffe Net's parameters."""
+def weight_shapes(net):
+    """{layer: [blob shape tuples]} of a pycaffe Net's weights (its parameter blobs)."""
     return {name: [blob.data.shape for blob in blobs] for name, blobs in net.params.items()}
 
 
@@ -192,8 +192,8 @@ def _without_fillers(net_param):
     return copy
 
 
-def net_param_shapes(net_param, source=None):
-    """{layer: [blob shape tuples]} of the parameters of the net ``net_param`` defines.
+def weight_shapes_of(net_param, source=None):
+    """{layer: [blob shape tuples]} of the weights of the net NetParameter ``net_param`` defines.
 
     Caffe builds the net in a child process, in the TEST phase (layers
     restricted to TRAIN are not seen) on the CPU, with every weight / bias
@@ -224,12 +224,12 @@ def net_param_shapes(net_param, source=None):
 
 
 def _print_param_shapes(prototxt):
-    """Child process of :func:`net_param_shapes`: build the net, print its shapes as JSON."""
+    """Child process of :func:`weight_shapes_of`: build the net, print its shapes as JSON."""
     caffe = load_caffe()
     from ctxpred.data.layer import close_data_layers  # imports pycaffe's Layer at module level
     net = caffe.Net(prototxt, caffe.TEST)
     close_data_layers(net)
-    print(json.dumps(param_shapes(net)))
+    print(json.dumps(weight_shapes(net)))
 
 
 _GLOG_FATAL = re.compile(r"F\d+ \S+ +\d+ \S+\] (.*)")  # glog: F<date> <time> <tid> <file>] msg

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctxpred.caffe.netparam import net_param_shapes, read_net_param
+from ctxpred.caffe.netparam import read_net_param, weight_shapes_of
 from ctxpred.data.preprocess import PROJECTION_AXIS, projection_matrix
 from ctxpred.models.context import NET_NAMES
 from ctxpred.weights.files import read_weights
-from ctxpred.weights.magic_init import ZERO_TOLERANCE, MagicInitSettings, run_magic_init
+from ctxpred.weights.magic_init import MagicInitSettings, ZERO_TOLERANCE, run_magic_init
 from ctxpred.weights.surgery import batchnorm_pairs, compare_shapes, fold_batchnorm
 
 DETECTION_PROTOTXTS = {"color_dropping": "groupless_caffenet.prototxt",
@@ -155,7 +155,7 @@ def prepare_detection_init(caffe, weights_path, net_name, images, context_def, d
     context_param = read_net_param(context_def)
     weights = read_weights(weights_path)
     detection_param = read_net_param(detection_def)
-    detection_shapes = net_param_shapes(detection_param, detection_def)
+    detection_shapes = weight_shapes_of(detection_param, detection_def)
     kept, steps, dropped = context_conv_weights(weights, context_param, net_name,
                                                 detection_shapes, weights_path)
     settings = MagicInitSettings(batch_size, iterations, bias=bias, mem_limit_mb=mem_limit_mb,

@@ -47,9 +47,9 @@ from ctxpred.caffe.netparam import instantiate
 from ctxpred.data.images import ImageSource, SubsetSource, open_source
 from ctxpred.evaluation.statistics import accuracy_with_interval
 from ctxpred.data.layer import parse_param_str
-from ctxpred.models.context import PATCH, NetOptions, data_layer_params, train_net
+from ctxpred.models.context import NetOptions, PATCH, data_layer_params, train_net
 from ctxpred.data.sampling import NUM_LABELS
-from ctxpred.weights.surgery import FIRST, load_params
+from ctxpred.weights.surgery import FIRST, load_weights
 from ctxpred.weights.files import read_weights
 
 # Position of the second patch relative to the first, by label (raster order, centre left out).
@@ -201,7 +201,7 @@ def load_scoring_net(net_name: str, weights: str, options: NetOptions | None = N
         options = NetOptions(factorized_head=FIRST in params)
     net = instantiate(scoring_net(net_name, options))
     try:
-        load_params(net, params, strict=True)
+        load_weights(net, params, strict=True)
     except ValueError as error:
         head = ("factorized head (fc7_first, fc7_second)" if options.factorized_head
                 else "reference head (fc7 on concatenated pairs)")

@@ -44,7 +44,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ctxpred.caffe.netparam import instantiate, net_param_shapes, read_net_param
+from ctxpred.caffe.netparam import instantiate, read_net_param, weight_shapes_of
 from ctxpred.data.images import decode_squashed
 from ctxpred.features.dense import convolutional_net, fully_convolutional
 from ctxpred.features.extractor import FeatureExtractor
@@ -103,7 +103,7 @@ class LayerFeatureNet:
         shapes = {name: blob.data.shape for name, blob in extractor.net.blobs.items()}
         fcn = fully_convolutional(extractor.param, shapes, input_size, input_size)
         if input_size < extractor.patch:  # a kernel may not fit: Caffe would abort, check aside
-            net_param_shapes(fcn, f"{deploy} at {input_size} pixels")
+            weight_shapes_of(fcn, f"{deploy} at {input_size} pixels")
         maps = {name: blob.data.shape[1:] for name, blob in instantiate(fcn).blobs.items()}
         fc_blobs = {top for layer in extractor.param.layer if layer.type == "InnerProduct"
                     for top in layer.top}

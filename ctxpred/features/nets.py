@@ -4,7 +4,7 @@ fitted onto it layer by layer.
 Weights are checked in Python before any is copied (:func:`fit_weights`):
 Caffe itself would abort the process on a shape mismatch.
 """
-from ctxpred.caffe.netparam import net_param_shapes, read_net_param
+from ctxpred.caffe.netparam import read_net_param, weight_shapes_of
 
 
 class WeightMismatchError(ValueError):
@@ -16,13 +16,13 @@ def read_deploy_param(path):
 
     Raises ValueError naming the file when it has no Input layer, or when
     Caffe cannot build it (checked in a child process,
-    :func:`ctxpred.caffe.netparam.net_param_shapes`: building it here would abort).
+    :func:`ctxpred.caffe.netparam.weight_shapes_of`: building it here would abort).
     """
     param = read_net_param(path)
     if sum(layer.type == "Input" for layer in param.layer) != 1:
         raise ValueError(f"{path} needs exactly one Input layer (or input: header) "
                          "to be a feature net")
-    net_param_shapes(param, path)
+    weight_shapes_of(param, path)
     return param
 
 

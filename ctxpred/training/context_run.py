@@ -123,11 +123,11 @@ def recompute_batchnorm_statistics(caffe, train_prototxt, weights, out, batches=
     final weights, without any update.
     """
     from ctxpred.weights.files import read_weights
-    from ctxpred.weights.surgery import load_params
+    from ctxpred.weights.surgery import load_weights
 
     net = caffe.Net(str(train_prototxt), caffe.TRAIN)
     try:
-        load_params(net, read_weights(weights))
+        load_weights(net, read_weights(weights))
         for name, layer in zip(net._layer_names, net.layers):
             if layer.type == "BatchNorm":
                 for blob in net.params[name]:

@@ -38,10 +38,10 @@ import numpy as np
 import scipy.sparse
 
 from ctxpred.caffe.geometry import Window, layer_window
-from ctxpred.caffe.netparam import instantiate, net_param_shapes, phase_layers
+from ctxpred.caffe.netparam import instantiate, phase_layers, weight_shapes_of
 from ctxpred.data.images import ImageError, decode_squashed, open_source
 from ctxpred.weights.files import read_weights
-from ctxpred.weights.surgery import load_params, net_params
+from ctxpred.weights.surgery import load_weights, net_weights
 
 BASES = ("elwise", "pca", "zca", "kmeans", "rand")
 FAST_PREFIX = "fast_"
@@ -967,7 +967,7 @@ def _start_weights(net, weights, zero, log):
     else:
         origin = "the given weights"
     if weights:
-        copied = load_params(net, weights, strict=False)
+        copied = load_weights(net, weights, strict=False)
         log(f"loaded {', '.join(copied) or 'no layer'} from {origin}")
         unused = [name for name in weights if name not in net.params]
         if unused:
@@ -995,7 +995,7 @@ def run_magic_init(caffe, net_param, images=None, settings=MagicInitSettings(), 
     image_rng, init_rng, calibration_rng = map(np.random.default_rng, seeds.spawn(3))
     caffe.set_random_seed(int(seeds.generate_state(1)[0] & 0x7FFFFFFF))
     analysis, batches = _feed(net_param, images, settings, image_rng, log)
-    net_param_shapes(analysis, source)
+    weight_shapes_of(analysis, source)
     net = instantiate(analysis, "train")
     _start_weights(net, weights, settings.zero, log)
     if batches is None:
@@ -1013,4 +1013,4 @@ def run_magic_init(caffe, net_param, images=None, settings=MagicInitSettings(), 
     lines.append("pre-activation statistics: " + (
         "the calibration batch (the first), final weights" if calibration
         else f"all {settings.iterations} batches"))
-    return MagicInitResult(net_params(net), done, calibration, tuple(lines))
+    return MagicInitResult(net_weights(net), done, calibration, tuple(lines))

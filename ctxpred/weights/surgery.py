@@ -1,7 +1,7 @@
 """Weight surgery between nets, over weights as {layer name: [arrays]}.
 
 - Copy by layer name, with a report of every layer or shape that differs
-  (:func:`compare_shapes`, :func:`load_params`).
+  (:func:`compare_shapes`, :func:`load_weights`).
 - The two fc7 layouts. The reference pair head has one ``fc7`` on
   concatenated pair features, weights W (4096 x 8192) = [A | B] and bias b.
   The factorized head has ``fc7_first`` (A, no bias) and ``fc7_second``
@@ -18,33 +18,33 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctxpred.caffe.netparam import param_shapes
+from ctxpred.caffe.netparam import weight_shapes
 from ctxpred.weights.files import read_weights
 
 FIRST, SECOND = "fc7_first", "fc7_second"
 
 
-def net_params(net):
+def net_weights(net):
     """{layer name: [array, ...]} copies of a pycaffe Net's parameters."""
     return {name: [blob.data.copy() for blob in blobs] for name, blobs in net.params.items()}
 
 
-def to_factorized_head(params):
+def to_factorized_head(weights):
     """Split a reference ``fc7`` into ``fc7_first`` and ``fc7_second`` (new dict)."""
-    params = dict(params)
-    weight, bias = params.pop("fc7")
+    weights = dict(weights)
+    weight, bias = weights.pop("fc7")
     half = weight.shape[1] // 2
-    params[FIRST] = [weight[:, :half].copy()]
-    params[SECOND] = [weight[:, half:].copy(), bias.copy()]
-    return params
+    weights[FIRST] = [weight[:, :half].copy()]
+    weights[SECOND] = [weight[:, half:].copy(), bias.copy()]
+    return weights
 
 
-def to_reference_head(params):
+def to_reference_head(weights):
     """Join ``fc7_first`` and ``fc7_second`` into the reference ``fc7`` (new dict)."""
-    params = dict(params)
-    (first,), (second, bias) = params.pop(FIRST), params.pop(SECOND)
-    params["fc7"] = [np.concatenate([first, second], axis=1), bias.copy()]
-    return params
+    weights = dict(weights)
+    (first,), (second, bias) = weights.pop(FIRST), weights.pop(SECOND)
+    weights["fc7"] = [np.concatenate([first, second], axis=1), bias.copy()]
+    return weights
 
 
 def _format_shapes(shapes):
@@ -77,9 +77,9 @@ class ShapeReport:
             lines.append(f"the net has {', '.join(self.missing)} without weights")
         if self.unused:
             lines.append(f"the weights have {', '.join(self.unused)} without a layer in the net")
-        for name, (net_shapes, weight_shapes) in self.different.items():
+        for name, (net_shapes, given_shapes) in self.different.items():
             lines.append(f"layer {name}: the net's blobs have shapes {_format_shapes(net_shapes)}, "
-                         f"the weights {_format_shapes(weight_shapes)}")
+                         f"the weights {_format_shapes(given_shapes)}")
         return lines
 
 
@@ -97,7 +97,7 @@ def compare_shapes(net_shapes, weights):
                        different=different)
 
 
-def load_params(net, params, strict=True):
+def load_weights(net, weights, strict=True):
     """Copy {layer: [arrays]} into a pycaffe Net by layer name.
 
     Checks every layer before copying anything. A shape difference raises
@@ -105,18 +105,18 @@ def load_params(net, params, strict=True):
     does a layer of either side missing on the other; otherwise only the
     layers both have are copied. Returns the names copied.
     """
-    report = compare_shapes(param_shapes(net), params)
+    report = compare_shapes(weight_shapes(net), weights)
     if report.different or (strict and not report.exact):
         raise ValueError("; ".join(report.lines()))
-    copied = [name for name in net.params if name in params]
+    copied = [name for name in net.params if name in weights]
     for name in copied:
-        for blob, array in zip(net.params[name], params[name]):
+        for blob, array in zip(net.params[name], weights[name]):
             blob.data[...] = array
     return copied
 
 
 def load_weights_file(net, path, strict=False):
-    """:func:`load_params` from a binary or HDF5 caffemodel, checked in Python first.
+    """:func:`load_weights` from a binary or HDF5 caffemodel, checked in Python first.
 
     Where ``Net.copy_from`` aborts the process on a truncated, empty or
     damaged file or a shape difference, this raises ValueError naming the
@@ -125,7 +125,7 @@ def load_weights_file(net, path, strict=False):
     ``copy_from`` does. Returns the names copied.
     """
     try:
-        return load_params(net, read_weights(path), strict)
+        return load_weights(net, read_weights(path), strict)
     except ValueError as error:
         message = str(error)
         raise ValueError(message if str(path) in message
