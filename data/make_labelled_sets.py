@@ -129,8 +129,8 @@ def build_sets(staging, stamps, photos, counts, seed):
     positives = {}
     for kind_index, kind in enumerate(("multi", "single")):
         out = staging / kind
-        folders = ("Annotations", "JPEGImages", "ImageSets/Main") if kind == "multi" else ("images",)
-        for folder in folders:
+        for folder in (("Annotations", "JPEGImages", "ImageSets/Main") if kind == "multi"
+                       else ("images",)):
             (out / folder).mkdir(parents=True)
         (out / "classes.txt").write_text("".join(f"{label}\n" for label in CLASS_FOLDERS))
         writer = write_multi if kind == "multi" else write_single

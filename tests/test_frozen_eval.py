@@ -50,7 +50,8 @@ def test_the_sets_share_no_image_and_have_every_class(sets):
     multi, single = read_labelled_set(sets / "multi"), read_labelled_set(sets / "single")
     assert multi.multilabel and not single.multilabel
     assert len(multi.train_paths) == len(multi.test_paths) == 35
-    assert (multi.train_labels == 1).any(axis=0).all() and (multi.test_labels == 1).any(axis=0).all()
+    for labels in (multi.train_labels, multi.test_labels):
+        assert (labels == 1).any(axis=0).all()
     assert np.bincount(single.train_labels).tolist() == [3] * 7  # classes in equal numbers
     assert not set(single.train_paths) & set(single.test_paths)
     manifest = json.loads((sets / "manifest.json").read_text())

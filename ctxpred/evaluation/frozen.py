@@ -81,6 +81,17 @@ def check_request(labelled, protocols, settings):
                             f"{len(labelled.train_paths)} training images of {labelled.name}")
 
 
+def check_nets(nets, layers):
+    """ValueError (one line) for two nets of one name or a layer a net's deploy lacks."""
+    from ctxpred.caffe.netparam import read_net_param
+    from ctxpred.features.layers import check_layers
+    names = [net.name for net in nets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two nets are called the same: {', '.join(names)}")
+    for deploy in dict.fromkeys(net.deploy for net in nets):
+        check_layers(read_net_param(deploy), layers, deploy)
+
+
 def layer_features(net, labelled, layers, cache_dir, input_size=227, batch=32, backend="caffe",
                    progress=None):
     """{layer: (train (N_train, D), test (N_test, D) float32)} of ``net`` on ``labelled``.
@@ -129,9 +140,7 @@ def evaluate_nets(nets, labelled, layers, protocols, out_dir, cache_dir,
     Returns (results {net: {layer: {protocol: result}}}, {kind: report path}).
     progress: None or a callable(message) told what runs now.
     """
-    names = [net.name for net in nets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two nets are called the same: {', '.join(names)}")
+    check_nets(nets, layers)
     check_request(labelled, protocols, settings)
     tell = progress or (lambda message: None)
     results = {}
@@ -147,7 +156,7 @@ def evaluate_nets(nets, labelled, layers, protocols, out_dir, cache_dir,
                 results[net.name][layer][protocol] = run_protocol(
                     protocol, *features[layer], labelled, settings)
     title = f"Frozen features on {labelled.name}"
-    paths = write_report(results, out_dir, title, baseline=names[0] if len(nets) > 1 else None,
+    paths = write_report(results, out_dir, title, baseline=nets[0].name if len(nets) > 1 else None,
                          bootstrap=settings.bootstrap)
     return results, paths
 
