@@ -1,6 +1,6 @@
 """Regenerate prototxt/ from ctxpred's NetSpec definitions (ctxpred/models/context.py).
 
-The checked-in prototxts are this script's output; tests/test_nets.py fails
+The checked-in prototxts are this script's output; tests/models/test_nets.py fails
 when they differ from what the code generates.
 """
 import argparse

@@ -24,7 +24,7 @@ from ctxpred.weights.surgery import (batchnorm_pairs, compare_shapes, drop_layer
 from ctxpred.caffe.netparam import read_net_param, weight_shapes
 from ctxpred.weights.files import read_weights, write_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROTOTXT = REPO / "prototxt"
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 PAIR_HEAD = ("fc6", "bn6", "fc7", "bn7", "fc8", "fc9")

@@ -13,7 +13,7 @@ from ctxpred.evaluation.retrieval_proxy import (Augmentation, ProxySettings, can
                                                 compare_nets, paired_difference, positive_ranks,
                                                 report_lines, retrieval_pairs, retrieval_score)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "neighbour_proxy.py"
 DEPLOY = str(REPO / "prototxt" / "color_dropping" / "deploy.prototxt")
 

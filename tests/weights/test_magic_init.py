@@ -23,7 +23,7 @@ from ctxpred.models.context import data_layer_params, train_net
 from ctxpred.caffe.netparam import instantiate, read_net_param
 from ctxpred.weights.files import read_weights, write_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "magic_init.py"
 SIDE = 32
 PHOTOS = ("astronaut", "coffee", "rocket", "chelsea", "immunohistochemistry",

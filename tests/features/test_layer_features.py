@@ -14,7 +14,7 @@ from ctxpred.features.forward import OnnxForward, check_parity
 from ctxpred.features.layers import (LayerFeatureNet, extract_layer_features, pooling_geometry,
                                      read_layer_features)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = str(REPO / "prototxt" / "color_dropping" / "deploy.prototxt")
 IMAGES = sorted(str(path) for path in (REPO / "data" / "photos" / "heldout").iterdir())[:3]
 CONV_LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from ctxpred.caffe.cuda_toolkit import ToolkitError, complete_toolkit_root
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "build_caffe.sh"
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ctxpred.data import collection as mc
 
-SCRIPT = Path(__file__).resolve().parents[1] / "data" / "make_collection.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "data" / "make_collection.py"
 TRAINING_MIN_PIXELS = 150_000
 MIN_SIDE = 300
 

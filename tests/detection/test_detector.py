@@ -12,7 +12,7 @@ from ctxpred.detection.run import DetectorRun, evaluate_detector, train_detector
 from ctxpred.detection.roi_data import RoIData
 from ctxpred.training.log import read_log
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_tool(name, *arguments):

@@ -20,7 +20,7 @@ from ctxpred.weights.onnx import (UnsupportedLayerError, caffe_to_onnx, compare_
 from ctxpred.caffe.netparam import read_net_param
 from ctxpred.weights.files import read_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "export_onnx.py"
 TOLERANCE = 1e-4
 

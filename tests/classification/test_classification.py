@@ -13,7 +13,7 @@ from ctxpred.classification.data import (IGNORE_LABEL, MEAN_BGR, BatchStream, Cl
 from ctxpred.models.classification import deploy_net, train_net
 from ctxpred.detection.voc import Annotation, VocObject
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "finetune_classification.py"
 
 

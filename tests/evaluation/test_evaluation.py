@@ -24,7 +24,7 @@ from ctxpred.evaluation.statistics import accuracy_with_interval
 from ctxpred.weights.files import read_weights
 from ctxpred.models.context import NetOptions, data_layer_params, train_net
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "eval_pretext.py"
 PHOTOS = ("astronaut", "coffee", "chelsea")
 PAIRS = 4

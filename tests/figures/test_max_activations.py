@@ -13,7 +13,7 @@ from ctxpred.figures.activations import (ReceptiveField, StreamingTopK, masked_p
 from ctxpred.features.nets import read_deploy_param
 from ctxpred.figures.max_activations import MaxActivationSettings, max_activations
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "max_activations.py"
 DEPLOY = str(REPO / "prototxt" / "color_dropping" / "deploy.prototxt")
 

@@ -20,7 +20,7 @@ from ctxpred.data.batching import PatchPairConfig, SkippedImageWarning
 from ctxpred.data.images import IgnoredFilesWarning, open_source
 from ctxpred.data.prefetch import BatchPrefetcher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
 SMALL = ["--max-patches", "40", "--workers", "1"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from ctxpred.caffe.env import gpu_status
 from ctxpred.training.context_run import choose_device
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_trains_evaluates_and_reports(caffe, tmp_path, photo_folder):

@@ -22,7 +22,7 @@ from ctxpred.models.context import MEAN_RGB, NET_NAMES
 from ctxpred.data.preprocess import apply_augmentations, crop_patches, draw_augmentations
 from ctxpred.weights.files import read_weights, write_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "extract_features.py"
 DEPLOY = str(REPO / "prototxt" / "color_dropping" / "deploy.prototxt")
 

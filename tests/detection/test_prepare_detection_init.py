@@ -12,7 +12,7 @@ from ctxpred.weights.surgery import fold_batchnorm
 from ctxpred.caffe.netparam import read_net_param
 from ctxpred.weights.files import read_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "prepare_detection_init.py"
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 

@@ -17,7 +17,7 @@ from ctxpred.detection.proposals import load_proposals
 from ctxpred.detection.voc import read_dataset
 from ctxpred.detection.boxes import box_iou
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "data" / "make_detection_set.py"
 SMALL = ["--trainval", "4", "--test", "2"]
 

@@ -12,7 +12,7 @@ from ctxpred.data.layer import close_data_layers
 from ctxpred.data.preprocess import PROJECTION_AXIS, apply_augmentations, crop_patches, draw_augmentations
 from ctxpred.weights.surgery import load_weights, net_weights, to_factorized_head, to_reference_head
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_checked_in_prototxt_equals_generated():

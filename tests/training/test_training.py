@@ -18,7 +18,7 @@ from ctxpred.training.snapshots import latest_snapshot, snapshot_pairs
 from ctxpred.training.solvers import (history_copies, make_solver, read_solver, set_fields,
                                       solver_text, write_solver)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = (("max_patches", 40),)
 
 

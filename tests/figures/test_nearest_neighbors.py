@@ -12,7 +12,7 @@ from PIL import Image
 from ctxpred.figures.neighbours import NeighbourFigureSettings, nearest_neighbour_figure
 from ctxpred.figures.pages import PatchStore, ShownPatch, neighbours_page
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "nearest_neighbors.py"
 DEPLOY = str(REPO / "prototxt" / "color_dropping" / "deploy.prototxt")
 NASTY = "<b>x</b>.jpg"  # a folder '<b>x<' holding 'b>.jpg'

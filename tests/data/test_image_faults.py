@@ -21,7 +21,7 @@ from ctxpred.data.batching import BatchAssembler, PatchPairConfig
 from ctxpred.features.patches import sampled_patches
 from ctxpred.data.images import ImageError, decode_rgb, decode_rgb_within, open_source
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sideways(upright, path, orientation=6):

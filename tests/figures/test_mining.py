@@ -15,7 +15,7 @@ from ctxpred.figures.mining import (Candidates, constellation_anchors, curve_auc
 from ctxpred.figures.mining_run import MiningSettings, mine
 from ctxpred.detection.voc import Annotation, VocObject, write_annotation
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "mine.py"
 DEPLOY = str(REPO / "prototxt" / "color_dropping" / "deploy.prototxt")
 HELDOUT = REPO / "data" / "photos" / "heldout"

@@ -22,7 +22,7 @@ from ctxpred.data.images import (
     random_resize,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def encode(array_or_image, file_format, **save_options) -> bytes:

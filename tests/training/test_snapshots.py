@@ -22,7 +22,7 @@ from ctxpred.training.context_run import RunConfig, train, write_run_files
 from ctxpred.training.log import read_log
 from ctxpred.training.snapshots import latest_snapshot
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = (("max_patches", 40),)
 
 

@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from ctxpred.models import fast_rcnn
 from ctxpred.caffe.env import import_caffe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST_RCNN = REPO / "prototxt" / "fast_rcnn"
 # Reference values (Fast R-CNN's defaults, the project page's scales and iterations).
 TRAIN_DEFAULTS = {"IMS_PER_BATCH": 2, "BATCH_SIZE": 128, "FG_FRACTION": 0.25, "FG_THRESH": 0.5,

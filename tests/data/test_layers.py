@@ -17,7 +17,7 @@ from ctxpred.data.layer import close_data_layers, parse_param_str
 from ctxpred.data.prefetch import BatchPrefetcher
 from ctxpred.data.sampling import OFFSETS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def data_layer_net(caffe, tmp_path, params):
