@@ -53,6 +53,11 @@ def listed(kind):
     return lambda text: tuple(kind(item) for item in text.split(",") if item)
 
 
+def comma(values):
+    """'a,b,c': a default as the user would type it (argparse parses it with the flag's type)."""
+    return ",".join(map(str, values))
+
+
 OFFLINE_SETS = REPO / "data" / "labelled"
 
 
@@ -81,7 +86,7 @@ def parse_args(argv):
     parser.add_argument("--protocols", type=listed(str),
                         help=f"comma-separated, of {','.join(PROTOCOLS)} (default: svm,lowshot "
                              "for a multi-label set, knn,linear for a single-label one)")
-    parser.add_argument("--layers", type=listed(str), default=DEFAULT_LAYERS,
+    parser.add_argument("--layers", type=listed(str), default=comma(DEFAULT_LAYERS),
                         help="comma-separated blobs (default: %(default)s)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the report")
     parser.add_argument("--cache", type=Path, default=Path("runs/feature_cache"),
@@ -91,15 +96,15 @@ def parse_args(argv):
     parser.add_argument("--input-size", type=positive_int, default=227,
                         help="images squashed to this square size, pixels (default: %(default)s)")
     parser.add_argument("--batch", type=positive_int, default=32, help="images per forward pass")
-    parser.add_argument("--svm-costs", type=listed(float), default=SVM_COSTS,
+    parser.add_argument("--svm-costs", type=listed(float), default=comma(SVM_COSTS),
                         help="SVM cost sweep (default: %(default)s; one cost: no CV)")
-    parser.add_argument("--shots", type=listed(int), default=LOW_SHOT_SHOTS,
+    parser.add_argument("--shots", type=listed(int), default=comma(LOW_SHOT_SHOTS),
                         help="low-shot positives per class (default: %(default)s)")
     parser.add_argument("--samples", type=positive_int, default=5,
                         help="low-shot draws per k (default: %(default)s)")
-    parser.add_argument("--knn-ks", type=listed(int), default=KNN_KS,
+    parser.add_argument("--knn-ks", type=listed(int), default=comma(KNN_KS),
                         help="kNN neighbour counts (default: %(default)s)")
-    parser.add_argument("--probe-costs", type=listed(float), default=PROBE_COSTS,
+    parser.add_argument("--probe-costs", type=listed(float), default=comma(PROBE_COSTS),
                         help="linear probe cost sweep (default: %(default)s)")
     parser.add_argument("--folds", type=positive_int, default=3, help="cross-validation folds")
     parser.add_argument("--resamples", type=positive_int, default=1000,
