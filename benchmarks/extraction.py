@@ -1,4 +1,5 @@
-"""Benchmark of the shared extraction path: against a bare net.forward loop, and onnxruntime against Caffe.
+"""Benchmark of the shared extraction path against a bare net.forward loop, and of onnxruntime
+against Caffe.
 
 Two ratios, each from runs interleaved round by round (A, B, A, B, ...) so
 that other jobs on the machine slow both sides alike; each round's ratio is

@@ -95,7 +95,8 @@ def existing_file(text):
 def add_images(parser, required=True, default=None, extra=""):
     parser.add_argument("--images", required=required, default=default,
                         help="images: folder (recursive), glob, image file, list file or Caffe "
-                             "LMDB" + extra + ("" if default is None else " (default: %(default)s)"))
+                             "LMDB" + extra
+                             + ("" if default is None else " (default: %(default)s)"))
 
 
 def add_weights(parser, multiple=False, extra=""):

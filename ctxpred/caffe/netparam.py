@@ -140,7 +140,7 @@ def phase_layers(net_param, phase):
 
 
 def truncated(net_param, blob):
-    """Copy of NetParameter ``net_param`` keeping the layers up to the last one that writes ``blob``.
+    """Copy of ``net_param`` keeping the layers up to the last one that writes ``blob``.
 
     In-place layers on ``blob`` (a ReLU after conv5, say) are kept, so the
     blob holds what it holds after the full net's forward pass. Raises

@@ -139,7 +139,7 @@ def recipe_digest(recipe: DetectionSetRecipe, stamps_version, photos_recipe) -> 
 
 
 def _compose_and_propose(recipe, stamps, staging):
-    """Compose both splits into ``staging`` and compute their proposals; returns (ids, proposals)."""
+    """Compose both splits into ``staging``, compute their proposals; returns (ids, proposals)."""
     for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (staging / folder).mkdir(parents=True)
     (staging / "classes.txt").write_text("".join(f"{label}\n" for label in CLASS_FOLDERS))

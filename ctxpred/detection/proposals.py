@@ -51,7 +51,8 @@ def selective_search(image, mode="fast", max_side=500, min_side=16):
     x, y, w, h = (rects / scale).T
     boxes = np.stack([x + 1, y + 1, np.minimum(x + w, width), np.minimum(y + h, height)], axis=1)
     boxes = np.rint(boxes)
-    keep = ((boxes[:, 2] - boxes[:, 0] + 1) >= min_side) & ((boxes[:, 3] - boxes[:, 1] + 1) >= min_side)
+    keep = (((boxes[:, 2] - boxes[:, 0] + 1) >= min_side)
+            & ((boxes[:, 3] - boxes[:, 1] + 1) >= min_side))
     boxes = boxes[keep]
     _, first = np.unique(boxes, axis=0, return_index=True)
     return boxes[np.sort(first)].astype(np.float32)
@@ -94,8 +95,8 @@ def load_proposals(path, image_ids):
     path = Path(path)
     if not path.is_file():
         raise ProposalError(f"proposals file {path} does not exist; compute it with "
-                            "ctxpred.detection.proposals.compute_proposals (data/make_detection_set.py "
-                            "does for its set)")
+                            "ctxpred.detection.proposals.compute_proposals "
+                            "(data/make_detection_set.py does for its set)")
     try:
         with np.load(path) as stored:
             missing = [image_id for image_id in image_ids if image_id not in stored.files]

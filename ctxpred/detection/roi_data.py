@@ -43,7 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from ctxpred.caffe.env import import_caffe
-from ctxpred.detection.roidb import (DatasetError, DetectionConfig, build_roidb, image_blob, normalised_targets, read_classes, read_image, sample_rois, target_statistics, usable_entries)
+from ctxpred.detection.roidb import (DatasetError, DetectionConfig, build_roidb, image_blob,
+                                     normalised_targets, read_classes, read_image, sample_rois,
+                                     target_statistics, usable_entries)
 
 caffe = import_caffe()
 

@@ -85,7 +85,7 @@ _SUMMING_REDUCTIONS = ("ReduceSum", "ReduceSumSquare", "ReduceMean", "ReduceL1")
 
 
 def _axes_and_keepdims(node, model):
-    """(axes list, keepdims) of a Reduce* node, axes read from its attribute or its constant input."""
+    """(axes list, keepdims) of a Reduce* node; axes from its attribute or its constant input."""
     from onnx import helper, numpy_helper
 
     settings = {attribute.name: helper.get_attribute_value(attribute)
@@ -116,7 +116,8 @@ def _double_reduction(node, model):
     nodes = []
     if node.op_type == "ReduceSumSquare":
         rows = f"{target}/rows"
-        opset = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+        opset = next(entry.version for entry in model.opset_import
+                     if entry.domain in ("", "ai.onnx"))
         if opset >= 18:
             model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64),
                                                                    f"{rows}/axes"))

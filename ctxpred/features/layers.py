@@ -49,6 +49,7 @@ from ctxpred.data.images import decode_squashed
 from ctxpred.features.dense import convolutional_net, fully_convolutional
 from ctxpred.features.extractor import FeatureExtractor
 from ctxpred.features.forward import CaffeForward, OnnxForward, check_parity
+from ctxpred.weights.surgery import net_weights
 
 TARGET_DIMS = 9216
 BACKENDS = ("caffe", "onnx")
@@ -56,7 +57,7 @@ CACHE_VERSION = 1
 
 
 def pooling_geometry(channels, height, width, target_dims=TARGET_DIMS):
-    """((kernel_h, kernel_w), (stride_h, stride_w), (out_h, out_w)) pooling C x H x W to ~target_dims.
+    """((kernel_h, kernel_w), (stride_h, stride_w), (out_h, out_w)): C x H x W pooled to ~target_dims.
 
     n = round(sqrt(target_dims / C)) cells per side (at most the side),
     stride max(1, side // n - 1), kernel side - (n - 1) * stride: the windows
@@ -74,7 +75,7 @@ def pooling_geometry(channels, height, width, target_dims=TARGET_DIMS):
 
 
 def check_layers(net_param, layers, source):
-    """Raise ValueError (one line) naming the first of ``layers`` that no layer of the net writes."""
+    """Raise ValueError (one line) naming the first of ``layers`` no layer of the net writes."""
     available = list(dict.fromkeys(top for layer in net_param.layer if layer.type != "Input"
                                    for top in layer.top))
     for name in layers:
@@ -124,7 +125,7 @@ class LayerFeatureNet:
 
     def weights(self):
         """{layer: [arrays]} of the net as built (fc weights in their convolution shapes)."""
-        return {name: [blob.data.copy() for blob in blobs] for name, blobs in self.net.params.items()}
+        return net_weights(self.net)
 
 
 def _append_average_pool(net_param, blob, kernel, stride):
@@ -142,7 +143,7 @@ def _append_average_pool(net_param, blob, kernel, stride):
 
 
 def load_whole_images(paths, size, out):
-    """Decode ``paths`` (upright RGB) and squash each to size x size into ``out`` (n, size, size, 3).
+    """Decode ``paths`` (upright RGB), each squashed to size x size, into ``out`` (n, size, size, 3).
 
     JPEGs are DCT-reduced while decoding to no fewer than 4 size^2 pixels.
     Raises ctxpred.data.images.ImageError (a ValueError) naming a bad file.

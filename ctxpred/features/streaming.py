@@ -112,7 +112,7 @@ def stream_features(extractor: FeatureExtractor, items: Iterable[ImagePatches],
 
 
 def patch_items(patches, images=None, per_image=16, seed=0, max_pixels=None):
-    """(ImagePatches iterator, number of images) for a patch spec, as tools/extract_features.py takes it.
+    """(ImagePatches iterator, number of images) for a patch spec (tools/extract_features.py).
 
     patches: "random" (``per_image`` per image, fixed by ``seed``), "grid"
     (the non-overlapping grid) or the path of a patch list (rows ``image x

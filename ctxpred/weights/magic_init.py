@@ -367,8 +367,8 @@ class NetUnderInit:
     Parameters
     ----------
     net : caffe.Net
-        Built from ``net_param`` (e.g. by :func:`ctxpred.caffe.netparam.instantiate` in the TRAIN phase of
-        :func:`analysis_net`), with ``force_backward`` for :meth:`calibrate`.
+        Built from ``net_param`` (e.g. by :func:`ctxpred.caffe.netparam.instantiate` in the
+        TRAIN phase, of :func:`analysis_net`), with ``force_backward`` for :meth:`calibrate`.
     net_param : NetParameter
         Its definition; the layer parameters (kernel, stride, pad, dilation,
         group, transpose) are read from here.

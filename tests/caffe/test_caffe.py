@@ -23,7 +23,8 @@ def test_load_caffe_refuses_an_unusable_gpu_in_one_line(caffe, tmp_path):
         pytest.fail("these tests expect a machine without a usable GPU (CI has none)")
     if caffe_has_cuda():
         assert status.runtime_version.split(".")[0] in ("12", "13")
-        expected = "no NVIDIA driver|driver supports CUDA up to|no usable GPU|GPU\\(s\\) are visible"
+        expected = ("no NVIDIA driver|driver supports CUDA up to|no usable GPU"
+                    "|GPU\\(s\\) are visible")
     else:
         expected = "CPU-only build"
     with pytest.raises(CaffeNotAvailable, match=expected) as raised:

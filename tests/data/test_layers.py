@@ -180,7 +180,8 @@ def test_plain_caffe_binary_trains_with_the_layer(caffe, tmp_path, photo_folder)
         f'net: "{tmp_path}/train.prototxt"\nbase_lr: 1e-4\nlr_policy: "fixed"\nmax_iter: 3\n'
         f'display: 1\nsnapshot_prefix: "{tmp_path}/model"\nsolver_mode: CPU\n')
     caffe_tool = Path(sys.executable).parent / "caffe"
-    result = subprocess.run([str(caffe_tool), "train", "-solver", str(tmp_path / "solver.prototxt")],
+    solver = str(tmp_path / "solver.prototxt")
+    result = subprocess.run([str(caffe_tool), "train", "-solver", solver],
                             capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, GLOG_minloglevel="0"))
     assert result.returncode == 0, result.stderr[-3000:]

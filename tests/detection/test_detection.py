@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import skimage.data
 
-from ctxpred.detection.roidb import (DatasetError, DetectionConfig, build_roidb, class_detections, read_classes, sample_rois, unnormalised_bbox_weights, usable_entries)
+from ctxpred.detection.roidb import (DatasetError, DetectionConfig, build_roidb, class_detections,
+                                     read_classes, sample_rois, unnormalised_bbox_weights,
+                                     usable_entries)
 from ctxpred.detection.boxes import apply_box_deltas, box_targets
-from ctxpred.detection.proposals import ProposalError, load_proposals, save_proposals, selective_search
+from ctxpred.detection.proposals import (ProposalError, load_proposals, save_proposals,
+                                         selective_search)
 from ctxpred.detection.synthetic_scenes import CutoutError, compose_scene, paste, trim_cutout
 from ctxpred.detection.voc import AnnotationError
 from ctxpred.detection.boxes import box_iou

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctxpred.detection.voc import (Annotation, AnnotationError, VocObject, annotation_path, evaluate_class, evaluate_detections, image_path, image_set_path, read_annotation, read_dataset, read_image_set, voc_ap, write_annotation)
+from ctxpred.detection.voc import (Annotation, AnnotationError, VocObject, annotation_path,
+                                   evaluate_class, evaluate_detections, image_path, image_set_path,
+                                   read_annotation, read_dataset, read_image_set, voc_ap,
+                                   write_annotation)
 from ctxpred.detection.boxes import box_iou, nms
 
 DOG_AND_CAT = Annotation("000001.jpg", 353, 500, (

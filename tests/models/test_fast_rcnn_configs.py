@@ -1,4 +1,5 @@
-"""The generated Fast R-CNN configs: parse with caffe_pb2, match the public recipe, run in our Caffe."""
+"""The generated Fast R-CNN configs: parse with caffe_pb2, match the public recipe, run in
+our Caffe."""
 import ast
 import json
 from pathlib import Path

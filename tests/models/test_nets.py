@@ -9,7 +9,8 @@ import skimage.data
 from ctxpred.models.context import (MEAN_RGB, NET_NAMES, NetOptions, data_layer_params, deploy_net,
                           generated_files, train_net)
 from ctxpred.data.layer import close_data_layers
-from ctxpred.data.preprocess import PROJECTION_AXIS, apply_augmentations, crop_patches, draw_augmentations
+from ctxpred.data.preprocess import (PROJECTION_AXIS, apply_augmentations, crop_patches,
+                                     draw_augmentations)
 from ctxpred.weights.surgery import load_weights, net_weights, to_factorized_head, to_reference_head
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,7 +114,8 @@ def test_train_net_layers_follow_reference_names():
 
 
 def test_factorized_head_gives_same_loss_and_gradients(caffe, tmp_path, photo_folder):
-    params = data_layer_params("color_dropping", str(photo_folder), seed=9, workers=1, max_patches=48)
+    params = data_layer_params("color_dropping", str(photo_folder), seed=9, workers=1,
+                               max_patches=48)
     reference = caffe.Net(write(tmp_path, train_net("color_dropping", params), "ref.prototxt"),
                           caffe.TRAIN)
     factorized = caffe.Net(write(tmp_path, train_net(

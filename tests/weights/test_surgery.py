@@ -20,7 +20,9 @@ from ctxpred.models.backbones import caffenet_deploy
 from ctxpred.data.layer import close_data_layers
 from ctxpred.models.context import MEAN_RGB, NetOptions, data_layer_params, deploy_net, train_net
 from ctxpred.data.preprocess import crop_patches
-from ctxpred.weights.surgery import (batchnorm_pairs, compare_shapes, drop_layers_from, fold_batchnorm, groupless_net, groupless_weights, load_weights)
+from ctxpred.weights.surgery import (batchnorm_pairs, compare_shapes, drop_layers_from,
+                                     fold_batchnorm, groupless_net, groupless_weights,
+                                     load_weights)
 from ctxpred.caffe.netparam import read_net_param, weight_shapes
 from ctxpred.weights.files import read_weights, write_weights
 
