@@ -85,6 +85,16 @@ def positive_int(text):
     return value
 
 
+def comma_separated(kind):
+    """argparse type: a comma-separated list of ``kind`` values, as a tuple."""
+    return lambda text: tuple(kind(item) for item in text.split(",") if item)
+
+
+def commas(values):
+    """'a,b,c': a default as the user would type it for a :func:`comma_separated` flag."""
+    return ",".join(map(str, values))
+
+
 def existing_file(text):
     """argparse type: the path of a file that exists (bad input otherwise: exit 2)."""
     if not Path(text).is_file():

@@ -33,42 +33,17 @@ Examples:
   python tools/eval_frozen.py --dataset /data/VOCdevkit/VOC2007 --deploy caffenet_deploy.prototxt \\
       --weights bvlc_reference_caffenet.caffemodel --bgr --layers conv1,conv5,fc7 --out runs/ref
 """
-import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
-from ctxpred.caffe.env import CaffeNotAvailable, load_caffe
-from ctxpred.cli import (REPO, add_gpu, add_net, add_seed, add_weights, deploy_prototxt, fail,
-                         positive_int, run_tool, tool_parser)
-from ctxpred.evaluation.frozen import (DEFAULT_LAYERS, PROTOCOLS, SINGLE_LABEL_ONLY,
-                                       NetToEvaluate, ProtocolSettings, evaluate_nets)
+from ctxpred.caffe.env import load_caffe
+from ctxpred.cli import (add_gpu, add_net, add_seed, add_weights, comma_separated, commas,
+                         deploy_prototxt, positive_int, run_tool, tool_parser)
+from ctxpred.evaluation.frozen import (DEFAULT_LAYERS, PROTOCOLS, NetToEvaluate, ProtocolSettings,
+                                       evaluate_dataset)
 from ctxpred.evaluation.protocols import (KNN_KS, LOW_SHOT_SHOTS, PROBE_COSTS, SVM_COSTS,
                                           Bootstrap)
-
-
-def listed(kind):
-    """argparse type: a comma-separated list of ``kind`` values."""
-    return lambda text: tuple(kind(item) for item in text.split(",") if item)
-
-
-def comma(values):
-    """'a,b,c': a default as the user would type it (argparse parses it with the flag's type)."""
-    return ",".join(map(str, values))
-
-
-OFFLINE_SETS = REPO / "data" / "labelled"
-
-
-def build_offline_sets(dataset):
-    """Run data/make_labelled_sets.py when ``dataset`` is one of its sets and is missing."""
-    folder = Path(dataset[0]).resolve()
-    if len(dataset) == 1 and folder.parent == OFFLINE_SETS and not folder.exists():
-        print(f"building the offline labelled sets into {OFFLINE_SETS}", file=sys.stderr)
-        if subprocess.run([sys.executable, str(REPO / "data" / "make_labelled_sets.py")],
-                          stdout=sys.stderr).returncode != 0:
-            raise RuntimeError("data/make_labelled_sets.py failed (see above)")
 
 
 def parse_args(argv):
@@ -83,10 +58,10 @@ def parse_args(argv):
     add_net(parser)
     parser.add_argument("--bgr", action="store_true",
                         help="feed BGR (a Caffe-zoo CaffeNet) instead of our nets' RGB")
-    parser.add_argument("--protocols", type=listed(str),
+    parser.add_argument("--protocols", type=comma_separated(str),
                         help=f"comma-separated, of {','.join(PROTOCOLS)} (default: svm,lowshot "
                              "for a multi-label set, knn,linear for a single-label one)")
-    parser.add_argument("--layers", type=listed(str), default=comma(DEFAULT_LAYERS),
+    parser.add_argument("--layers", type=comma_separated(str), default=commas(DEFAULT_LAYERS),
                         help="comma-separated blobs (default: %(default)s)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the report")
     parser.add_argument("--cache", type=Path, default=Path("runs/feature_cache"),
@@ -96,15 +71,15 @@ def parse_args(argv):
     parser.add_argument("--input-size", type=positive_int, default=227,
                         help="images squashed to this square size, pixels (default: %(default)s)")
     parser.add_argument("--batch", type=positive_int, default=32, help="images per forward pass")
-    parser.add_argument("--svm-costs", type=listed(float), default=comma(SVM_COSTS),
+    parser.add_argument("--svm-costs", type=comma_separated(float), default=commas(SVM_COSTS),
                         help="SVM cost sweep (default: %(default)s; one cost: no CV)")
-    parser.add_argument("--shots", type=listed(int), default=comma(LOW_SHOT_SHOTS),
+    parser.add_argument("--shots", type=comma_separated(int), default=commas(LOW_SHOT_SHOTS),
                         help="low-shot positives per class (default: %(default)s)")
     parser.add_argument("--samples", type=positive_int, default=5,
                         help="low-shot draws per k (default: %(default)s)")
-    parser.add_argument("--knn-ks", type=listed(int), default=comma(KNN_KS),
+    parser.add_argument("--knn-ks", type=comma_separated(int), default=commas(KNN_KS),
                         help="kNN neighbour counts (default: %(default)s)")
-    parser.add_argument("--probe-costs", type=listed(float), default=comma(PROBE_COSTS),
+    parser.add_argument("--probe-costs", type=comma_separated(float), default=commas(PROBE_COSTS),
                         help="linear probe cost sweep (default: %(default)s)")
     parser.add_argument("--folds", type=positive_int, default=3, help="cross-validation folds")
     parser.add_argument("--resamples", type=positive_int, default=1000,
@@ -121,17 +96,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        load_caffe(gpu=args.gpu)
-    except CaffeNotAvailable as error:
-        return fail(error)
-    from ctxpred.evaluation.datasets import read_labelled_set
+    load_caffe(gpu=args.gpu)
     from ctxpred.models.context import snapshot_param
 
-    build_offline_sets(args.dataset)
-    labelled = read_labelled_set(args.dataset[0] if len(args.dataset) == 1 else args.dataset)
-    protocols = args.protocols or (("svm", "lowshot") if labelled.multilabel
-                                   else SINGLE_LABEL_ONLY)
     names = args.names or [Path(path).stem for path in args.weights]
     deploy, train_param = deploy_prototxt(args.net, args.deploy), snapshot_param(args.net)
     nets = [NetToEvaluate(name, deploy, weights, train_param, args.bgr)
@@ -140,11 +107,9 @@ def main(argv=None):
                                 args.probe_costs, args.folds, args.seed,
                                 Bootstrap(args.resamples, args.seed))
     started = time.monotonic()
-    from sklearn.exceptions import ConvergenceWarning
-    warnings.simplefilter("ignore", ConvergenceWarning)  # high costs stop at max_iter, as VISSL's
-    _, paths = evaluate_nets(
-        nets, labelled, args.layers, protocols, args.out, args.cache, settings, args.input_size,
-        args.batch, args.backend,
+    _, paths = evaluate_dataset(
+        args.dataset, nets, args.layers, args.protocols, args.out, args.cache, settings,
+        args.input_size, args.batch, args.backend,
         progress=lambda text: print(f"[{time.monotonic() - started:6.0f} s] {text}",
                                     file=sys.stderr, flush=True))
     print(paths["markdown"].read_text())

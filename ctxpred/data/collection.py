@@ -109,8 +109,16 @@ def recipe_digest(sources: dict) -> str:
         "min_image": [MIN_IMAGE_PIXELS, MIN_IMAGE_SIDE],
         "sources": sources,
     }
-    encoded = json.dumps(recipe, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return hashlib.sha256(encoded).hexdigest()
+    return content_digest(recipe)
+
+
+def content_digest(content: dict, length: int = 64) -> str:
+    """SHA-256 hex digest (first ``length`` digits) of a JSON-able recipe, keys sorted.
+
+    A generated set stores it in its manifest and is rebuilt when it changes.
+    """
+    encoded = json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(encoded).hexdigest()[:length]
 
 
 def apt_command(package: str) -> str:

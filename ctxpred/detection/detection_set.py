@@ -25,7 +25,6 @@ recipe is left as it is. data/make_detection_set.py is the command line.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -36,8 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ctxpred.data.collection import (DEFAULT_OUT as PHOTOS, CollectionError, building_folder,
-                                     default_cache_dir, fetch_package, make_collection,
-                                     read_manifest)
+                                     content_digest, default_cache_dir, fetch_package,
+                                     make_collection, read_manifest)
 from ctxpred.detection.proposals import compute_proposals, save_proposals
 from ctxpred.detection.synthetic_scenes import compose_scene, fit_longer_side, trim_cutout
 from ctxpred.detection.voc import Annotation, VocObject, write_annotation
@@ -135,7 +134,7 @@ def recipe_digest(recipe: DetectionSetRecipe, stamps_version, photos_recipe) -> 
     content = dict(format=FORMAT_VERSION, stamps=stamps_version, photos=photos_recipe,
                    classes=CLASS_FOLDERS, seed=recipe.seed, trainval=recipe.trainval,
                    test=recipe.test, longer_side=recipe.longer_side)
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return content_digest(content, 16)
 
 
 def _compose_and_propose(recipe, stamps, staging):

@@ -27,8 +27,13 @@ training images) is checked first, so a bad request fails in a second.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+from sklearn.exceptions import ConvergenceWarning
+
+from ctxpred.evaluation.datasets import read_labelled_set
+from ctxpred.evaluation.labelled_sets import ensure_offline_set
 from ctxpred.evaluation.protocols import (KNN_KS, LOW_SHOT_SHOTS, PROBE_COSTS, SVM_COSTS,
                                           Bootstrap, ProtocolError, check_low_shot, knn_top1,
                                           linear_probe, low_shot_svm, voc07_svm)
@@ -160,3 +165,24 @@ def evaluate_nets(nets, labelled, layers, protocols, out_dir, cache_dir,
                          bootstrap=settings.bootstrap)
     return results, paths
 
+
+def evaluate_dataset(dataset, nets, layers, protocols=None, out_dir="runs/frozen",
+                     cache_dir="runs/feature_cache", settings=ProtocolSettings(), input_size=227,
+                     batch=32, backend="caffe", progress=None):
+    """:func:`evaluate_nets` on the labelled set at ``dataset`` (tools/eval_frozen.py's work).
+
+    dataset: [folder] or [train list, test list] (see
+    :func:`ctxpred.evaluation.datasets.read_labelled_set`); the offline sets
+    under data/labelled/ are built on first use. protocols: None picks svm
+    and lowshot for a multi-label set, knn and linear for a single-label one.
+    SVMs at high costs stop at the reference's 2000 iterations unconverged,
+    as in VISSL; those warnings are not shown.
+    """
+    ensure_offline_set(dataset)
+    labelled = read_labelled_set(dataset[0] if len(dataset) == 1 else list(dataset))
+    if not protocols:
+        protocols = ("svm", "lowshot") if labelled.multilabel else SINGLE_LABEL_ONLY
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return evaluate_nets(nets, labelled, layers, protocols, out_dir, cache_dir, settings,
+                             input_size, batch, backend, progress)

@@ -1,5 +1,4 @@
 """Frozen-feature evaluation end to end: the labelled sets, tools/eval_frozen.py on real Caffe."""
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -11,8 +10,9 @@ import pytest
 
 from ctxpred.detection.voc import Annotation, VocObject, write_annotation
 from ctxpred.evaluation.datasets import DatasetError, read_labelled_set
+from ctxpred.evaluation.labelled_sets import LabelledSetsRecipe, make_labelled_sets
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "eval_frozen.py"
 LAYERS = "conv1,conv5"
 
@@ -24,15 +24,12 @@ def run_eval(*args, cwd=REPO):
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    """data/make_labelled_sets.py's two sets, small: 35 multi-label and 21 single-label images
-    per split (3 per class), in a temporary folder."""
-    spec = importlib.util.spec_from_file_location("make_labelled_sets",
-                                                  REPO / "data" / "make_labelled_sets.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    """The two offline labelled sets, small: 35 multi-label and 21 single-label images per
+    split (3 per class), in a temporary folder."""
     out = tmp_path_factory.mktemp("labelled") / "labelled"
-    assert script.main(["--out", str(out), "--multi-train", "35", "--multi-test", "35",
-                        "--single-train", "21", "--single-test", "21"]) == 0
+    _, built = make_labelled_sets(LabelledSetsRecipe(out, multi_train=35, multi_test=35,
+                                                     single_train=21, single_test=21))
+    assert built
     return out
 
 
@@ -187,3 +184,13 @@ def test_a_list_file_naming_a_missing_image_names_its_line(tmp_path, photo_folde
     (tmp_path / "test.txt").write_text(f"{photo_folder / 'coffee.jpg'} a\n")
     with pytest.raises(DatasetError, match=r"train.txt line 2: image .*nowhere.jpg does not exist"):
         read_labelled_set(tmp_path)
+
+
+def test_labelled_sets_command_line():
+    script = REPO / "data" / "make_labelled_sets.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "--single-train" in result.stdout
+    result = subprocess.run([sys.executable, str(script), "--single-test", "3"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "single-label images per split" in result.stderr
