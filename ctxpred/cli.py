@@ -158,3 +158,16 @@ def add_seed(parser, what="random choices"):
 def add_gpu(parser):
     parser.add_argument("--gpu", type=int, default=None, metavar="DEVICE",
                         help="CUDA device to run the net on (default: the CPU)")
+
+
+def add_set_builder_flags(parser, default_out):
+    """--out, --photos and --cache of the data/ scripts that compose sets from the photo
+    collection and the tuxpaint stamps."""
+    from ctxpred.data.collection import DEFAULT_OUT, default_cache_dir
+    parser.add_argument("--out", type=Path, default=default_out,
+                        help="output folder (default: %(default)s)")
+    parser.add_argument("--photos", type=Path, default=DEFAULT_OUT,
+                        help="the photo collection used as backgrounds; made first if missing "
+                             "(default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=default_cache_dir(),
+                        help="where the .deb is downloaded and unpacked (default: %(default)s)")

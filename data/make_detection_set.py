@@ -18,9 +18,9 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
-from ctxpred.data.collection import DEFAULT_OUT as PHOTOS, CollectionError, default_cache_dir
+from ctxpred.cli import add_set_builder_flags
+from ctxpred.data.collection import CollectionError
 from ctxpred.detection.detection_set import DEFAULT_OUT, DetectionSetRecipe, make_detection_set
 
 log = logging.getLogger("make_detection_set")
@@ -29,13 +29,7 @@ log = logging.getLogger("make_detection_set")
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="output folder (default: %(default)s)")
-    parser.add_argument("--photos", type=Path, default=PHOTOS,
-                        help="the photo collection used as backgrounds; made first if missing "
-                             "(default: %(default)s)")
-    parser.add_argument("--cache", type=Path, default=default_cache_dir(),
-                        help="where the .deb is downloaded and unpacked (default: %(default)s)")
+    add_set_builder_flags(parser, DEFAULT_OUT)
     parser.add_argument("--trainval", type=int, default=160,
                         help="number of trainval images (default: %(default)s)")
     parser.add_argument("--test", type=int, default=80,

@@ -14,9 +14,9 @@ ctxpred/evaluation/labelled_sets.py for the recipe.
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from ctxpred.data.collection import DEFAULT_OUT as PHOTOS, CollectionError, default_cache_dir
+from ctxpred.cli import add_set_builder_flags
+from ctxpred.data.collection import CollectionError
 from ctxpred.evaluation.labelled_sets import (DEFAULT_OUT, LabelledSetsRecipe,
                                               make_labelled_sets)
 
@@ -24,13 +24,7 @@ from ctxpred.evaluation.labelled_sets import (DEFAULT_OUT, LabelledSetsRecipe,
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="output folder (default: %(default)s)")
-    parser.add_argument("--photos", type=Path, default=PHOTOS,
-                        help="the photo collection used as backgrounds; made first if missing "
-                             "(default: %(default)s)")
-    parser.add_argument("--cache", type=Path, default=default_cache_dir(),
-                        help="where the .deb is downloaded and unpacked (default: %(default)s)")
+    add_set_builder_flags(parser, DEFAULT_OUT)
     for kind in ("multi", "single"):
         parser.add_argument(f"--{kind}-train", type=int, default=700,
                             help=f"{kind}-label training images (default: %(default)s)")
