@@ -129,6 +129,18 @@ class DetectionSetRecipe:
     workers: int = 1
 
 
+def stamp_scene_inputs(photos, cache=None):
+    """(the photo collection's recipe digest, the stamps' folder, the stamps package's version).
+
+    Makes the photo collection at ``photos`` if it is not current and fetches
+    tuxpaint-stamps-default into ``cache`` (default: the collection's cache).
+    """
+    cache = Path(cache) if cache else default_cache_dir()
+    photos_manifest, _ = make_collection(photos, cache_dir=cache)
+    package_root, version = fetch_package(STAMPS_PACKAGE, cache)
+    return photos_manifest["recipe"], package_root / STAMPS_ROOT, version
+
+
 def recipe_digest(recipe: DetectionSetRecipe, stamps_version, photos_recipe) -> str:
     """Hash of everything that determines the set's content."""
     content = dict(format=FORMAT_VERSION, stamps=stamps_version, photos=photos_recipe,
@@ -166,15 +178,13 @@ def make_detection_set(recipe: DetectionSetRecipe = DetectionSetRecipe(),
     Raises CollectionError (a ValueError) naming what could not be fetched or replaced.
     """
     out = Path(recipe.out).resolve()
-    cache = Path(recipe.cache) if recipe.cache else default_cache_dir()
-    photos_manifest, _ = make_collection(recipe.photos, cache_dir=cache)
-    stamps_root, stamps_version = fetch_package(STAMPS_PACKAGE, cache)
-    digest = recipe_digest(recipe, stamps_version, photos_manifest["recipe"])
+    photos_recipe, stamps_root, stamps_version = stamp_scene_inputs(recipe.photos, recipe.cache)
+    digest = recipe_digest(recipe, stamps_version, photos_recipe)
     manifest = read_manifest(out)
     if not force and manifest is not None and manifest.get("recipe") == digest \
             and (out / "proposals.npz").is_file():
         return manifest, False
-    stamps = split_stamps(stamp_files(stamps_root / STAMPS_ROOT))
+    stamps = split_stamps(stamp_files(stamps_root))
     with building_folder(out, "data/make_detection_set.py") as staging:
         ids, proposals = _compose_and_propose(recipe, stamps, staging)
         manifest = dict(

@@ -40,10 +40,10 @@ import numpy as np
 from PIL import Image
 
 from ctxpred.data.collection import (DEFAULT_OUT as PHOTOS, CollectionError, building_folder,
-                                     content_digest, default_cache_dir, fetch_package,
-                                     make_collection, read_manifest)
+                                     content_digest, read_manifest)
 from ctxpred.detection.detection_set import (CLASS_FOLDERS, JPEG_QUALITY, SPLITS, STAMPS_PACKAGE,
-                                             STAMPS_ROOT, load_cutout, split_stamps, stamp_files)
+                                             load_cutout, split_stamps, stamp_files,
+                                             stamp_scene_inputs)
 from ctxpred.detection.synthetic_scenes import compose_scene, fit_longer_side
 from ctxpred.detection.voc import Annotation, VocObject, write_annotation
 
@@ -180,14 +180,12 @@ def make_labelled_sets(recipe: LabelledSetsRecipe = LabelledSetsRecipe(),
     """
     recipe.check()
     out = Path(recipe.out).resolve()
-    cache = Path(recipe.cache) if recipe.cache else default_cache_dir()
-    photos_manifest, _ = make_collection(recipe.photos, cache_dir=cache)
-    stamps_root, stamps_version = fetch_package(STAMPS_PACKAGE, cache)
-    digest = recipe_digest(recipe, stamps_version, photos_manifest["recipe"])
+    photos_recipe, stamps_root, stamps_version = stamp_scene_inputs(recipe.photos, recipe.cache)
+    digest = recipe_digest(recipe, stamps_version, photos_recipe)
     manifest = read_manifest(out)
     if not force and manifest is not None and manifest.get("recipe") == digest:
         return manifest, False
-    stamps = split_stamps(stamp_files(stamps_root / STAMPS_ROOT))
+    stamps = split_stamps(stamp_files(stamps_root))
     with building_folder(out, "data/make_labelled_sets.py") as staging:
         pools = {split: class_pools(pairs) for split, pairs in stamps.items()}
         positives = build_sets(staging, pools, Path(recipe.photos), recipe.counts, recipe.seed)
