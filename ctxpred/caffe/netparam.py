@@ -139,6 +139,24 @@ def phase_layers(net_param, phase):
                 else not any(_meets(rule, number, state) for rule in layer.exclude))]
 
 
+def python_layer_params(layer_type, param_str, required=None):
+    """A Python layer's ``param_str`` as a dict (JSON object; empty means ``{}``).
+
+    Raises ValueError naming ``layer_type`` and the text for invalid JSON,
+    a value that is not an object, or a missing or empty ``required`` key.
+    """
+    try:
+        params = json.loads(param_str or "{}")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{layer_type} param_str is not valid JSON ({error}): "
+                         f"{param_str!r}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{layer_type} param_str must be a JSON object, got {param_str!r}")
+    if required is not None and not params.get(required):
+        raise ValueError(f"{layer_type} param_str needs a \"{required}\": {param_str!r}")
+    return params
+
+
 def truncated(net_param, blob):
     """Copy of ``net_param`` keeping the layers up to the last one that writes ``blob``.
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ctxpred.caffe.netparam import python_layer_params
 from ctxpred.data.images import ImageError, decode_rgb
 from ctxpred.detection.voc import AnnotationError, image_path, read_dataset
 from ctxpred.evaluation import statistics
@@ -189,7 +190,8 @@ class VocClassificationData(_caffe_layer_base()):
         if bottom or len(top) != 2:
             raise ClassificationError("VocClassificationData has no bottoms and two tops "
                                       "(data, label)")
-        params = json.loads(self.param_str)
+        params = python_layer_params("VocClassificationData", self.param_str,
+                                     required="root")
         unknown = set(params) - {"root", "split", "batch_size", "crop", "seed", "min_scale",
                                  "max_scale", "mirror"}
         if unknown:

@@ -36,6 +36,7 @@ import json
 
 from ctxpred.data.batching import PatchPairConfig
 from ctxpred.caffe.env import import_caffe
+from ctxpred.caffe.netparam import python_layer_params
 from ctxpred.data.images import open_source
 from ctxpred.data.prefetch import BatchPrefetcher
 
@@ -50,12 +51,7 @@ def parse_param_str(param_str):
 
     Raises ValueError naming a missing source or malformed JSON.
     """
-    try:
-        params = json.loads(param_str or "{}")
-    except json.JSONDecodeError as error:
-        raise ValueError(f"PatchPairData param_str is not valid JSON ({error}): {param_str!r}")
-    if not isinstance(params, dict) or not params.get("source"):
-        raise ValueError(f"PatchPairData param_str needs a \"source\": {param_str!r}")
+    params = python_layer_params("PatchPairData", param_str, required="source")
     loader = {key: params.pop(key, default) for key, default in _LOADER_KEYS.items()}
     return loader, PatchPairConfig.from_json(json.dumps(params))
 

@@ -36,13 +36,13 @@ regression targets are normalised by per-class means and standard deviations
 bbox_pred with :func:`ctxpred.detection.roidb.unnormalised_bbox_weights` before
 testing, as Fast R-CNN's snapshots do.
 """
-import json
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from ctxpred.caffe.env import import_caffe
+from ctxpred.caffe.netparam import python_layer_params
 from ctxpred.detection.roidb import (DatasetError, DetectionConfig, build_roidb, image_blob,
                                      normalised_targets, read_classes, read_image, sample_rois,
                                      target_statistics, usable_entries)
@@ -55,12 +55,7 @@ TOP_NAMES = ("data", "rois", "labels", "bbox_targets", "bbox_loss_weights")
 
 def parse_param_str(param_str):
     """RoIData's param_str -> (layer options dict, DetectionConfig); errors name the bad value."""
-    try:
-        params = json.loads(param_str or "{}")
-    except json.JSONDecodeError as error:
-        raise ValueError(f"RoIData param_str is not valid JSON ({error}): {param_str!r}")
-    if not isinstance(params, dict) or not params.get("dataset"):
-        raise ValueError(f"RoIData param_str needs a \"dataset\": {param_str!r}")
+    params = python_layer_params("RoIData", param_str, required="dataset")
     options = {key: params.pop(key) for key in _LAYER_KEYS if key in params}
     options.setdefault("split", "trainval")
     options.setdefault("proposals", str(Path(options["dataset"], "proposals.npz")))

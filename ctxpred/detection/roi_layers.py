@@ -62,13 +62,13 @@ SmoothL1Loss
     asks for it). Like the fork, it leaves out the chain-rule factor
     ``w_in``: exact for 0/1 weights, which is all Fast R-CNN uses.
 """
-import json
 import math
 from typing import NamedTuple
 
 import numpy as np
 
 from ctxpred.caffe.env import import_caffe
+from ctxpred.caffe.netparam import python_layer_params
 
 caffe = import_caffe()
 
@@ -316,17 +316,6 @@ def smooth_l1_loss(pred, targets, inside_weights=None, outside_weights=None, sig
     return float(errors.sum()) / batch, slopes / batch
 
 
-def _load_param_json(layer, param_str):
-    """param_str as a JSON object (a dict); ValueError naming the layer otherwise."""
-    try:
-        params = json.loads(param_str or "{}")
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{layer} param_str is not valid JSON ({error}): {param_str!r}")
-    if not isinstance(params, dict):
-        raise ValueError(f"{layer} param_str must be a JSON object, got {param_str!r}")
-    return params
-
-
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -337,7 +326,7 @@ def parse_roi_pooling_params(param_str):
     All three keys are required: positive integers and a positive finite
     scale. Raises ValueError naming the missing, unknown or bad key.
     """
-    params = _load_param_json("ROIPooling", param_str)
+    params = python_layer_params("ROIPooling", param_str)
     unknown = sorted(set(params) - set(ROI_POOLING_KEYS))
     if unknown:
         raise ValueError(f"ROIPooling param_str has unknown key(s) {unknown}; "
@@ -357,7 +346,7 @@ def parse_roi_pooling_params(param_str):
 
 def parse_smooth_l1_params(param_str):
     """``sigma`` from a SmoothL1Loss param_str (optional JSON ``{"sigma": s}``, default 1)."""
-    params = _load_param_json("SmoothL1Loss", param_str)
+    params = python_layer_params("SmoothL1Loss", param_str)
     unknown = sorted(set(params) - {"sigma"})
     if unknown:
         raise ValueError(f"SmoothL1Loss param_str has unknown key(s) {unknown}; "
